@@ -1,0 +1,129 @@
+"""torchattacks subclasses whose inner loss must change, and the evaluation attacks.
+
+``PenalizedPGD`` and ``PenalizedTPGD`` accept a ``penalty(logits) -> scalar`` added to the inner
+loss at every step (temporal ensembling uses this). Without a penalty they compute exactly what
+torchattacks' ``PGD`` / ``TPGD`` compute. Inputs and outputs are images in [0, 1]; normalization, if
+any, lives inside the model (RobustBench's convention), so never call ``set_normalization_used``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+import torchattacks
+
+Penalty = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+class PenalizedPGD(torchattacks.PGD):
+    """Madry et al.'s PGD (Linf or L2) maximizing ``loss_fn(logits, labels) + penalty(logits)``."""
+
+    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, norm="Linf"):
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+        if norm not in ("Linf", "L2"):
+            raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+        self.norm = norm
+        self.supported_mode = ["default"]
+
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    def _random_start(self, images: torch.Tensor) -> torch.Tensor:
+        if self.norm == "Linf":
+            return images + torch.empty_like(images).uniform_(-self.eps, self.eps)
+        # L2: a uniform direction with a radius in [0, eps], as torchattacks' PGDL2.
+        delta = torch.randn_like(images)
+        norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        radius = torch.empty_like(norms).uniform_(0, 1)
+        return images + delta / norms.clamp_min(1e-12) * radius * self.eps
+
+    def _step(self, adv_images, images, grad):
+        if self.norm == "Linf":
+            adv_images = adv_images.detach() + self.alpha * grad.sign()
+            delta = torch.clamp(adv_images - images, min=-self.eps, max=self.eps)
+        else:
+            grad_norms = grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1).clamp_min(1e-10)
+            delta = adv_images.detach() + self.alpha * grad / grad_norms - images
+            delta_norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta = delta * torch.clamp(self.eps / delta_norms.clamp_min(1e-12), max=1.0)
+        return torch.clamp(images + delta, min=0, max=1).detach()
+
+    def forward(self, images, labels, penalty: Penalty = None):
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        adv_images = images.clone().detach()
+        if self.random_start:
+            adv_images = torch.clamp(self._random_start(adv_images), min=0, max=1).detach()
+        for _ in range(self.steps):
+            adv_images.requires_grad = True
+            logits = self.get_logits(adv_images)
+            cost = self.loss_fn(logits, labels)
+            if penalty is not None:
+                cost = cost + penalty(logits)
+            # Input gradients only: no weight gradients are accumulated during the attack.
+            grad = torch.autograd.grad(cost, adv_images)[0]
+            adv_images = self._step(adv_images, images, grad)
+        return adv_images
+
+
+class CWLinf(PenalizedPGD):
+    """PGD on the Carlini-Wagner margin loss (the 'CW' row of robustness tables)."""
+
+    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=30, kappa: float = 50.0, norm="Linf"):
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=True, norm=norm)
+        self.kappa = kappa
+
+    def loss_fn(self, logits, labels):
+        correct = logits.gather(1, labels[:, None]).squeeze(1)
+        others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+        return (others.max(dim=1).values - correct).clamp(min=-self.kappa).mean()
+
+
+class PenalizedTPGD(torchattacks.TPGD):
+    """TRADES' attack: maximize ``(beta/B) * KL_sum(adv || clean) + penalty(adv logits)``.
+
+    ``beta`` only rescales the KL term, which matters when a penalty is added (TRADES+TE).
+    """
+
+    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, beta: float = 1.0):
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps)
+        self.beta = beta
+
+    def forward(self, images, labels=None, penalty: Penalty = None, clean_logits: torch.Tensor | None = None):
+        images = images.clone().detach().to(self.device)
+        if clean_logits is None:
+            clean_logits = self.get_logits(images)
+        clean_probs = F.softmax(clean_logits.detach().float(), dim=1)
+        adv_images = torch.clamp(images + 0.001 * torch.randn_like(images), min=0, max=1).detach()
+        scale = self.beta / images.shape[0]
+        for _ in range(self.steps):
+            adv_images.requires_grad = True
+            logits = self.get_logits(adv_images)
+            cost = F.kl_div(F.log_softmax(logits.float(), dim=1), clean_probs, reduction="sum")
+            if penalty is not None:
+                cost = scale * cost + penalty(logits)
+            grad = torch.autograd.grad(cost, adv_images)[0]
+            adv_images = adv_images.detach() + self.alpha * grad.sign()
+            delta = torch.clamp(adv_images - images, min=-self.eps, max=self.eps)
+            adv_images = torch.clamp(images + delta, min=0, max=1).detach()
+        return adv_images
+
+
+# --------------------------------------------------------------------------- evaluation attacks
+def pgd20(model, eps: float = 8 / 255, norm: str = "Linf"):
+    """PGD-20 with step 2/255 (Linf) or eps/4 (L2), one random start."""
+    alpha = 2 / 255 if norm == "Linf" else eps / 4
+    return PenalizedPGD(model, eps=eps, alpha=alpha, steps=20, random_start=True, norm=norm)
+
+
+def cw30(model, eps: float = 8 / 255, norm: str = "Linf"):
+    """CW-Linf: 30 PGD steps (step 2/255) on the margin loss, one random start."""
+    alpha = 2 / 255 if norm == "Linf" else eps / 4
+    return CWLinf(model, eps=eps, alpha=alpha, steps=30, norm=norm)
+
+
+def training_pgd(model, eps: float, step_size: float, steps: int, norm: str = "Linf"):
+    """The attack used for per-epoch test robust accuracy during training."""
+    return PenalizedPGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True, norm=norm)

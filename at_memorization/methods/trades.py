@@ -1,0 +1,39 @@
+"""TRADES (Zhang et al., 2019): CE on clean inputs + beta * KL(adv || clean)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..attacks import PenalizedTPGD
+from .base import Hyperparameter, Method, MethodError
+
+
+def trades_kl(logits_adv, logits_clean):
+    """KL(p_clean || p_adv) per TRADES' code: KLDiv(log_softmax(adv), softmax(clean)), batch mean."""
+    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_clean.float(), dim=1),
+                    reduction="batchmean")
+
+
+class TRADES(Method):
+    name = "trades"
+    description = "TRADES (Zhang et al. 2019): CE(clean) + beta * KL(adv || clean), Linf"
+    hyperparameters = (Hyperparameter("beta", float, 6.0, "TRADES' robustness weight"),)
+
+    def __init__(self, setup, **hparams):
+        super().__init__(setup, **hparams)
+        if setup.norm != "Linf":
+            raise MethodError(f"{self.name} supports the Linf threat model only")
+        self.beta = self.hparams["beta"]
+
+    def make_attack(self, model) -> PenalizedTPGD:
+        s = self.setup
+        return PenalizedTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, beta=self.beta)
+
+    def attack(self, model, x, y, index, epoch):
+        return self.make_attack(model)(x, y)
+
+    def loss(self, model, x, x_adv, y, index, epoch):
+        logits_clean = model(x)
+        logits_adv = model(x_adv)
+        loss = F.cross_entropy(logits_clean, y) + self.beta * trades_kl(logits_adv, logits_clean)
+        return loss, {"train_adv_acc": (logits_adv.argmax(1) == y).float().mean()}

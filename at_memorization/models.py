@@ -1,0 +1,260 @@
+"""CIFAR/MNIST backbones registered in timm's registry.
+
+After ``import at_memorization``, ``timm.create_model('preactresnet18', num_classes=10)`` and
+``timm.create_model('smallcnn', num_classes=10, in_chans=1)`` build our models, and every one of
+them is also registered under RobustBench's ``<name>_<dataset>_<threat>`` naming, so that
+``robustbench.utils.load_model(name, dataset=..., threat_model=..., custom_checkpoint=path)``
+loads one of our checkpoints offline.
+
+All models take inputs in [0, 1] and return logits of shape (N, num_classes); as in the paper's
+code, none normalizes its input (the attacks' epsilon is in pixel units of [0, 1] images).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import timm
+import torch
+from torch import nn
+import torch.nn.functional as F
+from timm.models import register_model
+
+__all__ = ["OUR_MODELS", "build_model", "model_names"]
+
+
+# --------------------------------------------------------------------------- PreAct ResNet
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """He et al. 2016, CIFAR variant (3x3 stride-1 stem), as in the paper's code."""
+
+    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3,
+                 width: int = 64):
+        super().__init__()
+        self.in_planes = width
+        self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+        self.layer1 = self._make_layer(width, num_blocks[0], 1)
+        self.layer2 = self._make_layer(2 * width, num_blocks[1], 2)
+        self.layer3 = self._make_layer(4 * width, num_blocks[2], 2)
+        self.layer4 = self._make_layer(8 * width, num_blocks[3], 2)
+        self.bn = nn.BatchNorm2d(8 * width)
+        self.linear = nn.Linear(8 * width, num_classes)
+
+    def _make_layer(self, planes, num_blocks, stride):
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(PreActBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+# --------------------------------------------------------------------------- ResNet (CIFAR stem)
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool (timm's ResNets assume 224x224)."""
+
+    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        self.linear = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes, num_blocks, stride):
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+# --------------------------------------------------------------------------- WideResNet
+class WideBlock(nn.Module):
+    def __init__(self, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equal_in_out = in_planes == out_planes
+        self.shortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.equal_in_out else self.shortcut(out)
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    """Zagoruyko & Komodakis 2016, as used by Madry et al. / TRADES (WRN-depth-widen)."""
+
+    def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        blocks = []
+        for i, stride in enumerate((1, 2, 2)):
+            for j in range(n):
+                blocks.append(WideBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1], stride if j == 0 else 1))
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+# --------------------------------------------------------------------------- SmallCNN
+class SmallCNN(nn.Module):
+    """The TRADES paper's small CNN (4 conv + 3 fc); works on 28x28 and 32x32 inputs."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 32, 3), nn.ReLU(),
+            nn.Conv2d(32, 32, 3), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(),
+            nn.Conv2d(64, 64, 3), nn.ReLU(),
+            nn.MaxPool2d(2),
+            # 28x28 inputs reach 4x4 here already; 32x32 inputs reach 5x5 and are pooled to 4x4.
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 200), nn.ReLU(), nn.Dropout(drop_rate),
+            nn.Linear(200, 200), nn.ReLU(),
+            nn.Linear(200, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+# --------------------------------------------------------------------------- registration
+def _entrypoint(builder):
+    """Adapt a builder to timm's entrypoint signature (pretrained weights are never fetched)."""
+
+    def create(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
+               num_classes: int = 10, in_chans: int = 3, img_size=None, **kwargs):
+        return builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+    return create
+
+
+OUR_MODELS = {
+    "preactresnet18": lambda **kw: PreActResNet((2, 2, 2, 2), **kw),
+    "resnet18_cifar": lambda **kw: CifarResNet((2, 2, 2, 2), **kw),
+    "wrn34_10": lambda **kw: WideResNet(34, 10, **kw),
+    "wrn28_10": lambda **kw: WideResNet(28, 10, **kw),
+    "smallcnn": lambda **kw: SmallCNN(**kw),
+}
+# RobustBench looks models up as f"{name}_{dataset}_{threat}" (lower case) in timm's registry.
+ROBUSTBENCH_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn")
+ROBUSTBENCH_THREATS = ("linf", "l2")
+
+
+def _register(name: str, builder) -> None:
+    if timm.is_model(name):
+        return
+    fn = _entrypoint(builder)
+    fn.__name__ = name
+    fn.__qualname__ = name
+    fn.__module__ = __name__
+    setattr(sys.modules[__name__], name, fn)
+    register_model(fn)
+
+
+for _name, _builder in OUR_MODELS.items():
+    _register(_name, _builder)
+    for _dataset in ROBUSTBENCH_DATASETS:
+        for _threat in ROBUSTBENCH_THREATS:
+            _register(f"{_name}_{_dataset}_{_threat}", _builder)
+
+
+def model_names() -> list[str]:
+    """Our backbones (any other timm model name is accepted too)."""
+    return sorted(OUR_MODELS)
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def build_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 32) -> nn.Module:
+    """Build any timm-registered model for a data set's shape.
+
+    Our models ignore ``img_size``; timm's own models (ViTs, ...) get it so that 32x32 inputs work.
+    """
+    if not timm.is_model(name):
+        raise UnknownModelError(
+            f"unknown model {name!r}: ours are {', '.join(model_names())}; any timm model name also works"
+        )
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 img_size=img_size)
+    except TypeError:
+        # Most timm CNNs take no img_size; they adapt to any input size by global pooling.
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

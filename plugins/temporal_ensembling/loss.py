@@ -1,0 +1,165 @@
+"""``TELoss``: temporal ensembling of the model's own predictions as a soft target (Dong et al. 2022).
+
+For every training sample the loss keeps an exponential moving average of the model's clean
+softmax predictions. From ``start_epoch`` on, a penalty pulls the model's predictions towards that
+ensemble, with a weight that ramps up (Laine & Aila's sigmoid-shaped ramp) until ``end_epoch``::
+
+    E[i]  <- m * E[i] + (1 - m) * softmax(f(x_i))          (each step, no gradient)
+    p_i    = E[i] / sum(E[i])
+    penalty = w(epoch) * mean over batch and classes of (softmax(logits_i) - p_i) ** 2
+    w(e)   = reg_weight * ramp(e);  ramp(e) = 0 if e < start, 1 if e > end,
+             exp(-5 * (1 - (e - start) / (end - start)) ** 2) otherwise        (epochs from 1)
+
+Under torch.distributed each ``update`` all-gathers the batch's indices and probabilities, so every
+rank applies the same update and holds the same ensemble.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def ramp(epoch: int, start_epoch: int, end_epoch: int) -> float:
+    """0 before ``start_epoch``, 1 after ``end_epoch``, a sigmoid-shaped rise in between."""
+    if epoch < start_epoch:
+        return 0.0
+    if epoch > end_epoch:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - (epoch - start_epoch) / (end_epoch - start_epoch)) ** 2)
+
+
+class TELoss(nn.Module):
+    """Temporal-ensembling penalty; a drop-in term for any training loop.
+
+    >>> te = TELoss(num_samples=50000, num_classes=10)
+    >>> te.update(clean_logits, index, epoch)      # once per step, before the penalty
+    >>> loss = ce + te(adv_logits, index, epoch)
+
+    ``validate`` (default True) also checks index ranges and finiteness, which costs a
+    host-device synchronization on CUDA; a trainer that guarantees both can switch it off.
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, momentum: float = 0.9, reg_weight: float = 300.0,
+                 start_epoch: int = 90, end_epoch: int = 150, sync_distributed: bool = True):
+        super().__init__()
+        if num_samples < 1 or num_classes < 2:
+            raise ValueError(f"need num_samples >= 1 and num_classes >= 2, got {num_samples}, {num_classes}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if reg_weight < 0:
+            raise ValueError(f"reg_weight must be >= 0, got {reg_weight}")
+        if not 1 <= start_epoch < end_epoch:
+            raise ValueError(f"need 1 <= start_epoch < end_epoch, got start {start_epoch}, end {end_epoch}")
+        self.num_samples, self.num_classes = int(num_samples), int(num_classes)
+        self.momentum, self.reg_weight = float(momentum), float(reg_weight)
+        self.start_epoch, self.end_epoch = int(start_epoch), int(end_epoch)
+        self.sync_distributed = sync_distributed
+        self.validate = True
+        # fp32 whatever the autocast context: tiny EMA increments would vanish in bf16.
+        self.register_buffer("ensemble", torch.zeros(self.num_samples, self.num_classes, dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        return (f"num_samples={self.num_samples}, num_classes={self.num_classes}, momentum={self.momentum}, "
+                f"reg_weight={self.reg_weight}, start_epoch={self.start_epoch}, end_epoch={self.end_epoch}")
+
+    def _apply(self, fn, recurse=True):
+        # Moving to a device is fine; casting the ensemble to a low precision is not.
+        super()._apply(fn, recurse)
+        if self.ensemble.dtype != torch.float32:
+            self.ensemble = self.ensemble.float()
+        return self
+
+    def get_extra_state(self) -> dict:
+        return {"num_samples": self.num_samples, "num_classes": self.num_classes, "momentum": self.momentum,
+                "reg_weight": self.reg_weight, "start_epoch": self.start_epoch, "end_epoch": self.end_epoch}
+
+    def set_extra_state(self, state: dict) -> None:
+        if (state["num_samples"], state["num_classes"]) != (self.num_samples, self.num_classes):
+            raise ValueError(f"TE state is for {state['num_samples']} samples x {state['num_classes']} classes, "
+                             f"this TELoss has {self.num_samples} x {self.num_classes}")
+
+    # ------------------------------------------------------------------ schedule
+    def active(self, epoch: int) -> bool:
+        return epoch >= self.start_epoch
+
+    def weight(self, epoch: int) -> float:
+        return self.reg_weight * ramp(epoch, self.start_epoch, self.end_epoch)
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, logits: torch.Tensor, index: torch.Tensor) -> None:
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits must have shape (batch, {self.num_classes}), got {tuple(logits.shape)}")
+        if index.dim() != 1 or index.shape[0] != logits.shape[0]:
+            raise ValueError(f"index must have shape ({logits.shape[0]},) to match the logits, got {tuple(index.shape)}")
+        if index.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise TypeError(f"index must be an integer tensor, got {index.dtype}")
+        if self.validate and index.numel():
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= self.num_samples:
+                raise IndexError(f"sample index out of range [0, {self.num_samples}): min {low}, max {high}")
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError("logits contain NaN or inf")
+
+    # ------------------------------------------------------------------ the two operations
+    @torch.no_grad()
+    def update(self, clean_logits: torch.Tensor, index: torch.Tensor, epoch: int) -> None:
+        """``E[index] = m * E[index] + (1 - m) * softmax(clean_logits)``; nothing before start_epoch."""
+        self._check(clean_logits, index)
+        if not self.active(epoch):
+            return
+        probs = F.softmax(clean_logits.detach().float(), dim=1)
+        index = index.to(self.ensemble.device, torch.int64)
+        probs = probs.to(self.ensemble.device)
+        if self.sync_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            index, probs = _all_gather_rows(index, probs)
+        index, probs = _first_occurrences(index, probs)
+        self.ensemble[index] = self.momentum * self.ensemble[index] + (1.0 - self.momentum) * probs
+
+    def target(self, index: torch.Tensor) -> torch.Tensor:
+        """The ensemble rows normalized to sum 1 (``update`` must have run for them)."""
+        rows = self.ensemble[index.to(self.ensemble.device, torch.int64)]
+        return rows / rows.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def forward(self, logits: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        """``weight(epoch) * mean((softmax(logits) - target)**2)``; exactly 0 before start_epoch."""
+        self._check(logits, index)
+        w = self.weight(epoch)
+        if w == 0.0:
+            return (logits.float() * 0.0).sum()
+        target = self.target(index).to(logits.device)
+        return w * (F.softmax(logits.float(), dim=1) - target).pow(2).mean()
+
+
+def _first_occurrences(index: torch.Tensor, probs: torch.Tensor):
+    """Drop repeated indices (DistributedSampler pads with repeats), keeping the first row of each."""
+    unique, inverse = torch.unique(index, return_inverse=True)
+    if unique.numel() == index.numel():
+        return index, probs
+    positions = torch.arange(index.numel(), device=index.device)
+    first = torch.full((unique.numel(),), index.numel(), device=index.device, dtype=positions.dtype)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    return index[first], probs[first]
+
+
+def _all_gather_rows(index: torch.Tensor, probs: torch.Tensor):
+    """Concatenate every rank's (index, probs) in rank order; batches may differ in size."""
+    world = dist.get_world_size()
+    size = torch.tensor([index.numel()], device=index.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    pad = longest - index.numel()
+    padded_index = F.pad(index, (0, pad))
+    padded_probs = F.pad(probs, (0, 0, 0, pad))
+    all_index = [torch.empty_like(padded_index) for _ in range(world)]
+    all_probs = [torch.empty_like(padded_probs) for _ in range(world)]
+    dist.all_gather(all_index, padded_index)
+    dist.all_gather(all_probs, padded_probs)
+    return (torch.cat([t[:n] for t, n in zip(all_index, sizes)]),
+            torch.cat([t[:n] for t, n in zip(all_probs, sizes)]))
