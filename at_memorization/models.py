@@ -184,6 +184,12 @@ class SmallCNN(nn.Module):
             nn.Linear(200, 200), nn.ReLU(),
             nn.Linear(200, num_classes),
         )
+        # TRADES' initialization: without it this BN-free ReLU stack barely trains for epochs.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.classifier[-1].weight)
 
     def forward(self, x):
         return self.classifier(self.features(x))
