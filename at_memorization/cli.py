@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -113,11 +114,14 @@ def _method_options(func):
 
 class _ProgressCallbacks:
     def __init__(self, quiet: bool):
-        self.quiet = quiet
+        # Under torchrun only rank 0 talks; the others would repeat every line.
+        self.silent = os.environ.get("RANK", "0") != "0"
+        self.quiet = quiet or self.silent
         self.bar = None
 
     def log(self, message: str) -> None:
-        click.echo(message, err=True)
+        if not self.silent:
+            click.echo(message, err=True)
 
     def epoch_begin(self, epoch: int, batches: int) -> None:
         if not self.quiet:
@@ -132,6 +136,8 @@ class _ProgressCallbacks:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+        if self.silent:
+            return
         extra = "".join(f" {k}={record[k]:.4g}" for k in ("te_weight", "grad_norm") if k in record)
         click.echo(f"epoch {record['epoch']}: loss {record['train_loss']:.4f} "
                    f"test clean {record['test_clean_acc']:.4f} robust {record['test_robust_acc']:.4f} "
@@ -206,11 +212,12 @@ def train_command(method, preset, out_dir, resume, device, quiet, **options):
     if trainer.start_epoch > config.epochs:
         click.echo(f"{out_dir} already finished all {config.epochs} epochs")
         return
-    click.echo(f"training {method} on {config.dataset} ({len(trainer.data.train)} train / "
+    say = click.echo if trainer.ctx.is_main else (lambda *a, **k: None)
+    say(f"training {method} on {config.dataset} ({len(trainer.data.train)} train / "
                f"{len(trainer.data.test)} test) with {config.model} on {trainer.ctx.device}; writing {out_dir}", err=True)
     trainer.fit()
     best = trainer.best
-    click.echo(f"done: best epoch {best['epoch']} (test robust {best['test_robust_acc']:.4f}, "
+    say(f"done: best epoch {best['epoch']} (test robust {best['test_robust_acc']:.4f}, "
                f"clean {best['test_clean_acc']:.4f}); checkpoints in {out_dir}")
 
 
