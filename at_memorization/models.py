@@ -208,6 +208,8 @@ def _entrypoint(builder):
 
 OUR_MODELS = {
     "preactresnet18": lambda **kw: PreActResNet((2, 2, 2, 2), **kw),
+    # A quarter-width PreActResNet-18 (16 base channels, ~0.7M parameters) for CPU-scale studies.
+    "preactresnet18_w16": lambda **kw: PreActResNet((2, 2, 2, 2), width=16, **kw),
     "resnet18_cifar": lambda **kw: CifarResNet((2, 2, 2, 2), **kw),
     "wrn34_10": lambda **kw: WideResNet(34, 10, **kw),
     "wrn28_10": lambda **kw: WideResNet(28, 10, **kw),
