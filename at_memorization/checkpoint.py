@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -25,6 +26,18 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """The file is not a usable at-memorization checkpoint; the message says why."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temporary file (created 0600 by mkstemp) normal permissions, then rename it."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
 
 
 def save_atomic(obj, path: str | Path) -> None:
@@ -40,7 +53,7 @@ def save_atomic(obj, path: str | Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -50,11 +63,15 @@ def write_text_atomic(text: str, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -65,10 +82,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(
-            f"{path}: refused: loading it would need unpickling arbitrary Python objects ({first[:160]})"
-        ) from error
+        # torch wraps both garbage bytes ("Unsupported operand ...") and disallowed classes
+        # ("Unsupported global: GLOBAL argparse.Namespace ...") in UnpicklingError: tell them apart.
+        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if match:
+            raise CheckpointError(
+                f"{path}: refused: loading it would need unpickling arbitrary Python objects "
+                f"({match.group(1)}); checkpoints hold tensors and plain values only"
+            ) from error
+        detail = str(error.__context__ or "").strip() or "not a torch checkpoint"
+        raise CheckpointError(f"{path}: unreadable checkpoint ({detail.splitlines()[0][:160]})") from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {str(error)[:160]})") from error
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

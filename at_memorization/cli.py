@@ -173,6 +173,7 @@ class _ProgressCallbacks:
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available].")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for attack and update (fp32 weights).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the model for attack and update (slow first steps).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", default=None, help="Run directory [default: runs/<method>-<dataset>-<model>-s<seed>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
@@ -205,7 +206,8 @@ def train_command(method, preset, out_dir, resume, device, quiet, **options):
         options["label_noise"] = 0.0
     if options["milestones"] is None:
         # At least epoch 2, so that even a tiny run starts at the given learning rate.
-        options["milestones"] = [max(2, round(f * options["epochs"])) for f in (0.5, 0.75)]
+        # Distinct epochs: a repeated milestone would multiply the lr by 0.1 twice at once.
+        options["milestones"] = sorted({max(2, round(f * options["epochs"])) for f in (0.5, 0.75)})
     config = RunConfig(method=method, method_args=method_args, **options)
     out_dir = Path(out_dir or f"runs/{method}-{config.dataset}-{config.model}-s{config.seed}")
     trainer = Trainer(config, out_dir, device=device, resume=resume, callbacks=_ProgressCallbacks(quiet))
@@ -260,7 +262,9 @@ def evaluate_command(checkpoint, attacks, n_examples, dataset, data_dir, eps, no
     chosen = ALL_ATTACKS if "all" in attacks else tuple(a for a in ALL_ATTACKS if a in attacks)
     if model_card and "autoattack" not in chosen:
         raise click.ClickException("--model-card needs --attack autoattack (or all)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .training import resolve_device
+
+    device = str(resolve_device(device))
     model = build_model_from_checkpoint(state)
     test = load_split(dataset, data_dir, train=False, size=n_examples)
     if test.num_classes != state["num_classes"]:

@@ -54,7 +54,10 @@ def _load_torchvision_cifar(dataset_cls, folder: str, expected: str):
                 dataset_cls(str(data_dir), train=train, download=True)
             except Exception as error:  # network errors come in many types
                 raise DataError(f"{data_dir / folder} not found: expected {expected}; {_download_hint(error)}") from error
-        ds = dataset_cls(str(data_dir), train=train, download=False)
+        try:
+            ds = dataset_cls(str(data_dir), train=train, download=False)
+        except RuntimeError as error:  # e.g. the meta file fails torchvision's md5 check
+            raise DataError(f"{data_dir / folder}: {error}; expected {expected}") from error
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         return images, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes)
 
@@ -85,7 +88,11 @@ def _load_svhn(data_dir: Path, train: bool, download: bool):
             SVHN(str(data_dir), split=split, download=True)
         except Exception as error:
             raise DataError(f"{path} not found: expected SVHN's {split}_32x32.mat; {_download_hint(error)}") from error
-    ds = SVHN(str(data_dir), split=split, download=False)
+    try:
+        ds = SVHN(str(data_dir), split=split, download=False)
+    except RuntimeError as error:  # torchvision's md5 check failed
+        raise DataError(f"{path} is corrupted or incomplete (md5 check failed): expected SVHN's official "
+                        f"{split}_32x32.mat; delete it to download it again") from error
     return torch.from_numpy(ds.data).contiguous(), torch.as_tensor(ds.labels, dtype=torch.int64), [str(i) for i in range(10)]
 
 
@@ -270,7 +277,10 @@ def load_split(name: str, data_dir: str | Path, *, train: bool, size: int | None
         images, labels, classes = _load_imagefolder(data_dir, train, download, size)
     else:
         images, labels, classes = info.loader(data_dir, train, download)
-    return IndexedDataset(images[:size], labels[:size], info.num_classes or len(classes), classes)
+    if size is not None and size < len(labels):
+        # Copies, not views: a view would keep (and torch.save would write) the whole split.
+        images, labels = images[:size].clone(), labels[:size].clone()
+    return IndexedDataset(images, labels, info.num_classes or len(classes), classes)
 
 
 def load_data(name: str, data_dir: str | Path, *, train_size: int | None = None, test_size: int | None = None,
@@ -311,6 +321,13 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without a host-device synchronization on CUDA (page-locked staging)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """Random crop with zero padding plus horizontal flip, batched on the images' device.
 
@@ -322,10 +339,10 @@ def crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4
     flip = torch.rand(n, generator=generator) < 0.5
     device = images.device
     padded = F.pad(images, (padding, padding, padding, padding))
-    rows = (dy[:, None] + torch.arange(h)).to(device)  # (n, h)
+    rows = _to_device(dy[:, None] + torch.arange(h), device)  # (n, h)
     cols = torch.arange(w).expand(n, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    cols = (dx[:, None] + cols).to(device)  # (n, w)
+    cols = _to_device(dx[:, None] + cols, device)  # (n, w)
     batch = torch.arange(n, device=device)[:, None, None, None]
     channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]

@@ -14,11 +14,14 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import timm
 import torch
 import torch.distributed as dist
 
@@ -27,7 +30,7 @@ from .attacks import training_pgd
 from .data import AUGMENTATIONS, DataBundle, epoch_batches, load_data, num_batches, to_float
 from .evaluation import correct_flags
 from .methods import TrainingSetup, get_method
-from .models import build_model
+from .models import UnknownModelError, build_model, model_names
 from .randomness import capture_rng, restore_rng
 
 SCHEDULES = ("step", "cosine")
@@ -69,10 +72,11 @@ class RunConfig:
     seed: int = 0
     bf16: bool = False
     channels_last: bool = False
+    compile: bool = False  # torch.compile the model for attack and update
     method_args: dict = field(default_factory=dict)
 
     # settings that may differ on resume (they do not change the computation's result on CPU)
-    RESUMABLE_CHANGES = ("data_dir",)
+    RESUMABLE_CHANGES = ("data_dir", "compile")
 
     def validate(self) -> None:
         problems = []
@@ -126,6 +130,24 @@ class Callbacks:
     epoch_end: Callable[[dict], None] = lambda record: None
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``--device`` as a torch.device (default: cuda when available), or a one-line TrainingError."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise TrainingError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"device {device} requested but CUDA is not available (use --device cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise TrainingError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif resolved.type not in ("cpu", "mps"):
+        raise TrainingError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return resolved
+
+
 class DistributedContext:
     """torchrun's environment: rank, world size and the device of this process."""
 
@@ -137,9 +159,7 @@ class DistributedContext:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and self.world_size > 1:
             device = f"cuda:{self.local_rank}"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise TrainingError("device cuda requested but CUDA is not available (use --device cpu)")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
@@ -181,7 +201,16 @@ class Trainer:
         if not resume and last.is_file():
             raise TrainingError(f"{self.out_dir} already holds a run; use --resume to continue it or another --out")
 
+        # Unknown names fail before minutes of data loading.
+        if not timm.is_model(config.model):
+            raise UnknownModelError(f"unknown model {config.model!r}: ours are {', '.join(model_names())}; "
+                                    "any timm model name also works")
+        method_cls = get_method(config.method)
+        # Every global stream (torch, Python, NumPy), so that two runs with one --seed agree in full
+        # (a resumed run then restores all three from the checkpoint).
         torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
         self.data = data or load_data(config.dataset, config.data_dir, train_size=config.train_size,
                                       test_size=config.test_size, label_noise=config.label_noise,
                                       input_noise=config.input_noise,
@@ -193,11 +222,15 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.setup = TrainingSetup(num_samples=len(train), num_classes=train.num_classes, epochs=config.epochs,
                                    eps=config.eps, step_size=config.step_size, steps=config.steps, norm=config.norm)
-        self.method = get_method(config.method)(self.setup, **config.method_args).to(self.ctx.device)
+        self.method = method_cls(self.setup, **config.method_args).to(self.ctx.device)
         self.train_model = self.model
         if self.ctx.enabled:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None)
+        self.attack_model = self.model
+        if config.compile:  # one compiled module for attack and update, unless DDP wraps the latter
+            self.attack_model = torch.compile(self.model)
+            self.train_model = self.attack_model if self.train_model is self.model else torch.compile(self.train_model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.augment = AUGMENTATIONS[self.data.info.augmentation if config.augment else "none"]
@@ -252,6 +285,8 @@ class Trainer:
         restore_rng(state["rng"])
         if self.ctx.is_main:  # metrics.jsonl may hold an epoch written after the last checkpoint
             self._rewrite_metrics()
+            for stale in self.out_dir.glob(".*.tmp"):  # temporary files of a write that was killed
+                stale.unlink(missing_ok=True)
         self.callbacks.log(f"resumed from {path} at epoch {self.start_epoch}")
 
     def _rewrite_metrics(self) -> None:
@@ -265,6 +300,8 @@ class Trainer:
 
     def _prepare(self, images_u8, labels, indices, generator):
         device = self.ctx.device
+        if device.type == "cuda":  # page-locked staging: the copies below then need no host-device sync
+            images_u8, labels, indices = (t.pin_memory() for t in (images_u8, labels, indices))
         x = to_float(images_u8.to(device, non_blocking=True))
         x = self.augment(x, generator)
         if self.config.channels_last:
@@ -298,7 +335,7 @@ class Trainer:
         for indices in batches:
             x, y, index = self._prepare(*train.batch(indices), generator)
             with self._autocast():
-                x_adv = method.attack(self.model, x, y, index, epoch)
+                x_adv = method.attack(self.attack_model, x, y, index, epoch)
             self.train_model.train()
             with self._autocast():
                 loss, logs = method.loss(self.train_model, x, x_adv, y, index, epoch)
@@ -307,7 +344,7 @@ class Trainer:
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
                                                               if p.grad is not None]))
             self.optimizer.step()
-            n = torch.tensor(float(len(y)), device=ctx.device)
+            n = torch.full((), float(len(y)), device=ctx.device)  # a fill, not a host-to-device copy
             add("train_loss", loss, n)
             add("grad_norm", grad_norm, 1.0)
             add("_samples", n, 1.0)
@@ -317,6 +354,11 @@ class Trainer:
             if self.tracked is not None:
                 self._track(epoch, x_adv, y, index)
             self.callbacks.step()
+        if ctx.enabled:
+            # BatchNorm running statistics drift apart per rank (each sees its own shard); keep rank
+            # 0's, which the checkpoint holds, so evaluation agrees and a resumed run is exact.
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         record["train_seconds"] = time.perf_counter() - start
@@ -327,9 +369,11 @@ class Trainer:
         for name, total in totals.items():
             record[name] = total / (steps if name == "grad_norm" else samples)
         if not all(math.isfinite(v) for v in (record["train_loss"], record["grad_norm"])):
+            kept = (f"the last good checkpoint is {self.out_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1 else
+                    f"no checkpoint was written yet ({self.out_dir / 'init.pt'} holds the initial weights)")
             raise TrainingError(
                 f"training diverged at epoch {epoch} (loss {record['train_loss']}, grad norm {record['grad_norm']}); "
-                f"the last good checkpoint is {self.out_dir / 'last.pt'} (epoch {epoch - 1}); try a lower --lr")
+                f"{kept}; try a lower --lr")
         return record
 
     def _track(self, epoch, x_adv, y, index) -> None:

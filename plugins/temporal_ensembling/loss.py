@@ -60,6 +60,9 @@ class TELoss(nn.Module):
         self.start_epoch, self.end_epoch = int(start_epoch), int(end_epoch)
         self.sync_distributed = sync_distributed
         self.validate = True
+        # Set by a trainer whose ranks always step with equal batch sizes (as DistributedSampler
+        # gives): the all-gather then needs no size exchange, so no host-device synchronization.
+        self.equal_rank_batches = False
         # fp32 whatever the autocast context: tiny EMA increments would vanish in bf16.
         self.register_buffer("ensemble", torch.zeros(self.num_samples, self.num_classes, dtype=torch.float32))
 
@@ -116,8 +119,9 @@ class TELoss(nn.Module):
         index = index.to(self.ensemble.device, torch.int64)
         probs = probs.to(self.ensemble.device)
         if self.sync_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            index, probs = _all_gather_rows(index, probs)
-        index, probs = _first_occurrences(index, probs)
+            index, probs = _all_gather_rows(index, probs, equal_sizes=self.equal_rank_batches)
+        index, probs = _first_occurrences(index, probs, self.num_samples)
+        # Repeated indices all carry their first row's values, so the write is deterministic.
         self.ensemble[index] = self.momentum * self.ensemble[index] + (1.0 - self.momentum) * probs
 
     def target(self, index: torch.Tensor) -> torch.Tensor:
@@ -135,20 +139,31 @@ class TELoss(nn.Module):
         return w * (F.softmax(logits.float(), dim=1) - target).pow(2).mean()
 
 
-def _first_occurrences(index: torch.Tensor, probs: torch.Tensor):
-    """Drop repeated indices (DistributedSampler pads with repeats), keeping the first row of each."""
-    unique, inverse = torch.unique(index, return_inverse=True)
-    if unique.numel() == index.numel():
-        return index, probs
+def _first_occurrences(index: torch.Tensor, probs: torch.Tensor, num_samples: int):
+    """Give every repeated index (DistributedSampler pads with repeats) the row of its first occurrence.
+
+    Shapes stay fixed and nothing is read back to the host (``torch.unique`` would synchronize
+    with the GPU on every step).
+    """
     positions = torch.arange(index.numel(), device=index.device)
-    first = torch.full((unique.numel(),), index.numel(), device=index.device, dtype=positions.dtype)
-    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-    return index[first], probs[first]
+    first = torch.full((num_samples,), index.numel(), device=index.device, dtype=positions.dtype)
+    first.scatter_reduce_(0, index, positions, reduce="amin")
+    return index, probs[first[index]]
 
 
-def _all_gather_rows(index: torch.Tensor, probs: torch.Tensor):
-    """Concatenate every rank's (index, probs) in rank order; batches may differ in size."""
+def _all_gather_rows(index: torch.Tensor, probs: torch.Tensor, equal_sizes: bool = False):
+    """Concatenate every rank's (index, probs) in rank order; batches may differ in size.
+
+    ``equal_sizes``: the caller guarantees the same batch size on every rank, which skips the size
+    exchange (a host-device synchronization per call).
+    """
     world = dist.get_world_size()
+    if equal_sizes:
+        all_index = [torch.empty_like(index) for _ in range(world)]
+        all_probs = [torch.empty_like(probs) for _ in range(world)]
+        dist.all_gather(all_index, index.contiguous())
+        dist.all_gather(all_probs, probs.contiguous())
+        return torch.cat(all_index), torch.cat(all_probs)
     size = torch.tensor([index.numel()], device=index.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)

@@ -46,6 +46,7 @@ class TemporalEnsemblingMixin:
         # The trainer passes valid indices and stops on non-finite losses itself; skipping the
         # checks avoids a host-device synchronization per step.
         self.te.validate = False
+        self.te.equal_rank_batches = True  # the trainer's per-rank batches always have equal sizes
 
     def _update_ensemble(self, model, x, index, epoch):
         """Eval-mode clean logits of the batch, fed to the ensemble (None before TE starts)."""

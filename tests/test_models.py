@@ -1,0 +1,135 @@
+"""Models: timm registration, shapes, sizes, RobustBench naming, any timm model by name."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import timm
+import torch
+
+import at_memorization  # noqa: F401  (registers the models)
+from at_memorization import checkpoint as ckpt
+from at_memorization._compat import import_robustbench
+from at_memorization.models import OUR_MODELS, UnknownModelError, build_model, count_parameters, model_names
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models run fastest on one thread; several threads crawl when the cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+PAPER_MODELS = ("preactresnet18", "resnet18_cifar", "wrn34_10", "wrn28_10", "smallcnn")
+
+# Parameter counts of the standard CIFAR-10 architectures (10 classes).
+EXPECTED_PARAMETERS = {
+    "preactresnet18": (11.1e6, 11.3e6),
+    "resnet18_cifar": (11.1e6, 11.3e6),
+    "wrn34_10": (46.1e6, 46.3e6),
+    "wrn28_10": (36.4e6, 36.6e6),
+    "smallcnn": (0.25e6, 0.4e6),
+}
+
+
+def test_all_paper_models_are_registered():
+    assert set(PAPER_MODELS) <= set(model_names())
+    for name in PAPER_MODELS:
+        assert timm.is_model(name)
+        for dataset in ("cifar10", "cifar100", "svhn"):
+            assert timm.is_model(f"{name}_{dataset}_linf") and timm.is_model(f"{name}_{dataset}_l2")
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_parameter_counts(name):
+    model = timm.create_model(name, num_classes=10)
+    low, high = EXPECTED_PARAMETERS[name]
+    assert low <= count_parameters(model) <= high
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_logits_shape_on_32x32(name):
+    model = timm.create_model(name, num_classes=7, in_chans=3).eval()
+    batch = 1 if name.startswith("wrn") else 2
+    with torch.no_grad():
+        logits = model(torch.rand(batch, 3, 32, 32))
+    assert logits.shape == (batch, 7) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+def test_smallcnn_on_mnist_shape_and_cifar_shape():
+    mnist = timm.create_model("smallcnn", num_classes=10, in_chans=1).eval()
+    cifar = timm.create_model("smallcnn", num_classes=100, in_chans=3).eval()
+    with torch.no_grad():
+        assert mnist(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+        assert cifar(torch.rand(3, 3, 32, 32)).shape == (3, 100)
+    assert cifar.features[0].in_channels == 3
+
+
+def test_build_model_and_gradients():
+    model = build_model("preactresnet18", num_classes=10, in_chans=1, img_size=28)
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_unknown_model():
+    with pytest.raises(UnknownModelError) as info:
+        build_model("no_such_net", 10)
+    message = str(info.value)
+    assert "unknown model 'no_such_net'" in message and "preactresnet18" in message and "\n" not in message
+
+
+def test_a_timm_cnn_by_name():
+    model = build_model("resnet18", num_classes=10, in_chans=1, img_size=28).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_timm_vit_by_name_at_32x32():
+    start = time.perf_counter()
+    model = build_model("vit_tiny_patch16_224", num_classes=10, in_chans=3, img_size=32).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
+    assert model.patch_embed.img_size == (32, 32)
+    assert time.perf_counter() - start < 60
+
+
+def test_robustbench_load_model_reads_our_checkpoint_offline(tmp_path, monkeypatch):
+    rb_utils = import_robustbench("utils")
+    torch.manual_seed(0)
+    model = build_model("preactresnet18", 10).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so that a missed buffer would show
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    state = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "model": model.state_dict(),
+             "model_name": "preactresnet18", "num_classes": 10, "in_chans": 3, "img_size": 32,
+             "dataset": "cifar10", "epoch": 1}
+    path = tmp_path / "best.pt"
+    ckpt.save_atomic(state, path)
+    monkeypatch.chdir(tmp_path)  # robustbench may create ./models; keep it inside tmp_path
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("robustbench tried to download")
+
+    monkeypatch.setattr(rb_utils, "download_gdrive_new", no_network, raising=False)
+    loaded = rb_utils.load_model("preactresnet18", dataset="cifar10", threat_model="Linf",
+                                 custom_checkpoint=str(path))
+    assert not loaded.training
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # And from our own loader:
+    ours = ckpt.build_model_from_checkpoint(ckpt.load_checkpoint(path))
+    with torch.no_grad():
+        assert torch.equal(ours(x), model(x))
+
+
+def test_our_models_registry_is_consistent():
+    for name in OUR_MODELS:
+        assert name in model_names()
