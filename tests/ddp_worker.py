@@ -1,0 +1,121 @@
+"""Launched by tests/test_distributed.py under ``torchrun --nproc_per_node=2`` (gloo, CPU).
+
+Not a test module itself (no ``test_`` prefix). One launch does three things, so the test pays
+torchrun's start-up once:
+
+1. ``te``: every rank feeds its shard of the same global batches to ``TELoss.update`` (with and
+   without the trainer's equal-batch fast path); rank 0 writes the largest difference to a
+   single-process ``TELoss`` fed the concatenated global batches, and whether all ranks hold the
+   same ensemble.
+2. ``full``: ``at-mem train`` (the real CLI) for all epochs into ``OUT/full``.
+3. ``interrupted``: the same command into ``OUT/interrupted``, stopped after epoch 1 (every rank
+   leaves at the same point, after the checkpoint is written), to be resumed by the test.
+
+Every rank records the index batches the trainer drew (``OUT/batches-<run>-rank<r>.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def te_check(out: Path) -> None:
+    from at_memorization import TELoss
+    from at_memorization.data import epoch_batches
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n, c = 51, 10  # 51 is odd: DistributedSampler pads rank 1's shard with a repeated index
+    distributed = TELoss(n, c, momentum=0.7, start_epoch=1, end_epoch=3)
+    reference = TELoss(n, c, momentum=0.7, start_epoch=1, end_epoch=3, sync_distributed=False)
+    fast = TELoss(n, c, momentum=0.7, start_epoch=1, end_epoch=3)  # as the trainer's methods set it
+    fast.validate, fast.equal_rank_batches = False, True
+    step = 0
+    for epoch in (1, 2, 3):
+        shards = [list(epoch_batches(n, 8, seed=3, epoch=epoch, rank=r, world_size=world)) for r in range(world)]
+        for batches in zip(*shards):
+            step += 1
+            # Each position of each rank's batch gets its own logits (as augmented duplicates would).
+            generator = torch.Generator().manual_seed(1000 + step)
+            logits = [torch.randn(len(b), c, generator=generator) * 3 for b in batches]
+            distributed.update(logits[rank], batches[rank], epoch)
+            fast.update(logits[rank], batches[rank], epoch)
+            reference.update(torch.cat(logits), torch.cat(batches), epoch)
+    fast_diff = float((fast.ensemble - reference.ensemble).abs().max())
+    # One extra step with unequal batch sizes per rank (exercises the padded all-gather).
+    sizes = [5, 3][:world] + [2] * max(0, world - 2)
+    generator = torch.Generator().manual_seed(7)
+    index = [torch.randint(0, n, (s,), generator=generator) for s in sizes]
+    logits = [torch.randn(s, c, generator=generator) for s in sizes]
+    distributed.update(logits[rank], index[rank], 3)
+    reference.update(torch.cat(logits), torch.cat(index), 3)
+
+    gathered = [torch.empty_like(distributed.ensemble) for _ in range(world)]
+    dist.all_gather(gathered, distributed.ensemble)
+    if rank == 0:
+        result = {
+            "max_abs_diff_to_single_process": float((distributed.ensemble - reference.ensemble).abs().max()),
+            "fast_path_max_abs_diff_to_single_process": fast_diff,
+            "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
+            "rows_touched": int((reference.ensemble.sum(1) > 0).sum()),
+            "dtype": str(distributed.ensemble.dtype),
+            "steps": step + 1,
+        }
+        (out / "te.json").write_text(json.dumps(result))
+
+
+class StopAfterEpoch(Exception):
+    pass
+
+
+def train(out: Path, run: str, args: list[str], stop_after: int | None) -> None:
+    import at_memorization.cli as cli
+    import at_memorization.training as training
+
+    rank = dist.get_rank()
+    seen: list[dict] = []
+    original_batches = training.epoch_batches
+
+    def recording_batches(*a, **kw):
+        batches = list(original_batches(*a, **kw))
+        seen.append({"epoch": kw["epoch"], "rank": kw["rank"], "indices": torch.cat(batches).tolist()})
+        return iter(batches)
+
+    original_end = cli._ProgressCallbacks.epoch_end
+
+    def stopping_end(self, record):
+        original_end(self, record)
+        if stop_after is not None and record["epoch"] >= stop_after:
+            raise StopAfterEpoch
+
+    training.epoch_batches = recording_batches
+    cli._ProgressCallbacks.epoch_end = stopping_end
+    try:
+        cli.main(["train", *args, "--out", str(out / run)], standalone_mode=False)
+    except StopAfterEpoch:
+        pass
+    finally:
+        training.epoch_batches = original_batches
+        cli._ProgressCallbacks.epoch_end = original_end
+    (out / f"batches-{run}-rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    args = sys.argv[2:]
+    dist.init_process_group("gloo")
+    try:
+        te_check(out)
+        train(out, "full", args, stop_after=None)
+        train(out, "interrupted", args, stop_after=1)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
