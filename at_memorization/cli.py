@@ -293,5 +293,9 @@ def evaluate_command(checkpoint, attacks, n_examples, dataset, data_dir, eps, no
         click.echo(f"wrote {model_card}")
 
 
+from .analysis.commands import register as _register_analysis  # noqa: E402  (needs `main` above)
+
+_register_analysis(main)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

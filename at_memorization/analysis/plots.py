@@ -1,0 +1,150 @@
+"""Figures (matplotlib, Agg backend: no display needed). Each function writes one PNG and returns its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ACC_CURVES = (("train_clean_acc", "train clean", "tab:blue", "--"), ("train_robust_acc", "train robust", "tab:red", "--"),
+              ("test_clean_acc", "test clean", "tab:blue", "-"), ("test_robust_acc", "test robust", "tab:red", "-"))
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _series(records, key):
+    points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
+    """One column per run: accuracies (best and final epoch marked), robust gap, grad norm, TE weight.
+
+    The robust generalization gap is ``train_robust_acc - test_robust_acc`` when the run logged
+    ``--eval-train-size`` accuracies, else ``train_adv_acc - test_robust_acc`` (the training-time
+    adversarial accuracy, train mode), and the panel says which.
+    """
+    if not runs:
+        raise ValueError("no runs to plot")
+    has_te = any(any("te_weight" in r for r in records) for _, records in runs)
+    rows = 4 if has_te else 3
+    fig, axes = plt.subplots(rows, len(runs), figsize=(4.2 * len(runs), 2.6 * rows), squeeze=False, sharex="col")
+    for col, (name, records) in enumerate(runs):
+        ax = axes[0][col]
+        for key, label, color, style in ACC_CURVES:
+            epochs, values = _series(records, key)
+            if epochs:
+                ax.plot(epochs, values, style, color=color, label=label)
+        if not any("train_robust_acc" in r for r in records):
+            epochs, values = _series(records, "train_adv_acc")
+            ax.plot(epochs, values, ":", color="tab:red", label="train adv (training)")
+        best = max(records, key=lambda r: (r["test_robust_acc"], r.get("test_clean_acc", 0)))
+        final = records[-1]
+        ax.plot([best["epoch"]], [best["test_robust_acc"]], "*", color="black", markersize=12,
+                label=f"best ep {best['epoch']}: {best['test_robust_acc']:.3f}")
+        ax.plot([final["epoch"]], [final["test_robust_acc"]], "o", color="black", fillstyle="none", markersize=9,
+                label=f"final ep {final['epoch']}: {final['test_robust_acc']:.3f}")
+        ax.axvline(best["epoch"], color="gray", lw=0.8, ls=":")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+
+        ax = axes[1][col]
+        train_key = "train_robust_acc" if any("train_robust_acc" in r for r in records) else "train_adv_acc"
+        gap = [(r["epoch"], r[train_key] - r["test_robust_acc"]) for r in records if train_key in r]
+        if gap:
+            ax.plot([g[0] for g in gap], [g[1] for g in gap], color="tab:purple")
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_ylabel("robust gap")
+        ax.set_title(f"{train_key.replace('_acc', '')} - test robust", fontsize=8)
+        ax.grid(alpha=0.3)
+
+        ax = axes[2][col]
+        epochs, values = _series(records, "grad_norm")
+        ax.plot(epochs, values, color="tab:green", label="grad norm")
+        ax.set_ylabel("grad norm (mean/epoch)")
+        ax.grid(alpha=0.3)
+        epochs, values = _series(records, "train_loss")
+        if epochs:
+            twin = ax.twinx()
+            twin.plot(epochs, values, color="tab:orange", lw=0.9, ls="--")
+            twin.set_ylabel("train loss", color="tab:orange", fontsize=8)
+
+        if has_te:
+            ax = axes[3][col]
+            epochs, values = _series(records, "te_weight")
+            if epochs:
+                ax.plot(epochs, values, color="tab:brown")
+            else:
+                ax.text(0.5, 0.5, "no TE", ha="center", va="center", transform=ax.transAxes)
+            ax.set_ylabel("TE weight")
+            ax.grid(alpha=0.3)
+        axes[-1][col].set_xlabel("epoch")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gradient_stability(results: list[dict], path) -> Path:
+    """Per checkpoint (columns), log-log against ``||delta||``: the ratio
+    ``||grad L(theta+delta) - grad L(theta)|| / ||delta||`` and (second row, when present) the
+    scale-free relative change ``||grad L(theta+delta) - grad L(theta)|| / ||grad L(theta)||``."""
+    if not results:
+        raise ValueError("no results to plot")
+    relative = all("relative_change_mean" in v for r in results for v in r["losses"].values())
+    rows = 2 if relative else 1
+    fig, axes = plt.subplots(rows, len(results), figsize=(4.5 * len(results), 3.4 * rows), squeeze=False)
+    styles = {"pgd-at": ("tab:red", "o-"), "trades": ("tab:blue", "s-"), "clean": ("tab:gray", "^--")}
+    for col, result in enumerate(results):
+        title = Path(result.get("checkpoint", "")).parent.name or result.get("method", "")
+        for row in range(rows):
+            ax = axes[row][col]
+            for name, values in result["losses"].items():
+                color, style = styles.get(name, (None, "o-"))
+                if row == 0:
+                    ax.errorbar(result["radii"], values["ratio_mean"], yerr=values["ratio_std"], fmt=style,
+                                color=color, label=f"{name} loss", capsize=2)
+                else:
+                    ax.plot(result["radii"], values["relative_change_mean"], style, color=color, label=f"{name} loss")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("||delta|| (weight perturbation)")
+            ax.set_ylabel("||g(θ+δ) - g(θ)|| / ||δ||" if row == 0 else "||g(θ+δ) - g(θ)|| / ||g(θ)||")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_memorization(reports: list[dict], path) -> Path:
+    """Per run: newly fitted (stably) adversarial examples per epoch, with test/train robust accuracy."""
+    if not reports:
+        raise ValueError("no reports to plot")
+    fig, axes = plt.subplots(1, len(reports), figsize=(4.5 * len(reports), 3.4), squeeze=False)
+    for ax, report in zip(axes[0], reports):
+        per = report["per_epoch"]
+        colors = ["tab:orange" if e > report["late_after"] else "tab:gray" for e in per["epoch"]]
+        ax.bar(per["epoch"], [c / report["samples"] for c in per["newly_fitted"]], color=colors, alpha=0.7,
+               label="newly fitted (stays fitted)")
+        ax.plot(per["epoch"], per["test_robust_acc"], "r-", label="test robust")
+        ax.plot(per["epoch"], per["train_robust_acc"], "r--", label="train robust")
+        ax.axvline(report["best_epoch"], color="black", lw=0.8, ls=":", label=f"best epoch {report['best_epoch']}")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("fraction of samples / accuracy")
+        ax.set_title(f"{report['run']}: {report['late']} late of {report['samples']}", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

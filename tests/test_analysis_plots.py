@@ -1,0 +1,56 @@
+"""The figures are real PNG files of the expected size."""
+
+from __future__ import annotations
+
+import pytest
+
+from at_memorization.analysis.plots import plot_gradient_stability, plot_memorization, plot_runs
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path, min_width=200, min_height=200):
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+    with Image.open(path) as image:
+        image.load()
+        width, height = image.size
+    assert width >= min_width and height >= min_height
+    return width, height
+
+
+def records(n=6, te=False, train_acc=True):
+    out = []
+    for e in range(1, n + 1):
+        r = {"epoch": e, "test_clean_acc": 0.5 + 0.05 * e, "test_robust_acc": 0.3 + 0.04 * e - 0.02 * max(0, e - 3) ** 2,
+             "train_adv_acc": 0.2 + 0.1 * e, "train_loss": 2.0 / e, "grad_norm": 1.0 + 0.1 * e}
+        if train_acc:
+            r.update(train_clean_acc=0.55 + 0.07 * e, train_robust_acc=0.35 + 0.1 * e)
+        if te:
+            r["te_weight"] = 0.0 if e < 3 else 30.0 * (e - 2)
+        out.append(r)
+    return out
+
+
+def test_plot_runs_side_by_side(tmp_path):
+    one = assert_png(plot_runs([("a", records())], tmp_path / "one.png"))
+    three = assert_png(plot_runs([("a", records()), ("b", records(te=True)), ("c", records(train_acc=False))],
+                                 tmp_path / "sub" / "three.png"))
+    assert three[0] > 2.5 * one[0]  # three columns
+    assert three[1] > one[1]  # the TE-weight row was added
+    with pytest.raises(ValueError):
+        plot_runs([], tmp_path / "none.png")
+
+
+def test_plot_gradient_stability_and_memorization(tmp_path):
+    result = {"radii": [1e-3, 1e-2], "checkpoint": "/x/run/last.pt",
+              "losses": {"pgd-at": {"ratio_mean": [5.0, 4.0], "ratio_std": [0.1, 0.2]},
+                         "trades": {"ratio_mean": [2.0, 1.5], "ratio_std": [0.1, 0.1]},
+                         "clean": {"ratio_mean": [1.0, 0.9], "ratio_std": [0.0, 0.0]}}}
+    assert_png(plot_gradient_stability([result, result], tmp_path / "gs.png"))
+    report = {"run": "r", "samples": 10, "late": 2, "late_after": 2, "best_epoch": 2,
+              "per_epoch": {"epoch": [1, 2, 3], "newly_fitted": [5, 1, 2], "test_robust_acc": [0.1, 0.3, 0.2],
+                            "train_robust_acc": [0.2, 0.5, 0.8]}}
+    assert_png(plot_memorization([report], tmp_path / "mem.png"))
