@@ -40,7 +40,7 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_atomic(obj, path: str | Path) -> None:
+def _write_atomic(path: str | Path, mode: str, write) -> None:
     """Write to a temporary file in the same folder, fsync it, then rename over ``path``.
 
     A reader (or a resumed run) sees either the old file or the new one, never a partial write.
@@ -49,29 +49,23 @@ def save_atomic(obj, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(obj, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    _write_atomic(path, "wb", lambda handle: torch.save(obj, handle))
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, "w", lambda handle: handle.write(text))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

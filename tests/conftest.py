@@ -13,6 +13,17 @@ SHARED_DATA = Path(os.environ.get("AT_MEM_SHARED_DATA", ROOT.parent / "shared" /
 CIFAR_JPG_TAR = SHARED_DATA / "cifar10-jpg" / "cifar10_jpg_YoongiKim_6d04f75.tar.gz"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models run fastest on one thread; several threads crawl when the cores are shared."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path} is absent (set AT_MEM_SHARED_DATA to the shared data folder)")

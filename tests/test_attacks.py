@@ -11,15 +11,6 @@ from torch import nn
 from at_memorization.attacks import CWLinf, PenalizedPGD, PenalizedTPGD, cw30, pgd20, training_pgd
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models run fastest on one thread; several threads crawl when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _model(in_chans=3, num_classes=10, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(

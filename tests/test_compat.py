@@ -16,15 +16,6 @@ from at_memorization._compat import (ROBUSTBENCH_FIX, LegacyAutoAttack, RobustBe
                                      check_robustbench_files, import_robustbench)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models run fastest on one thread; several threads crawl when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_import_robustbench_installs_the_autoattack_alias():
     robustbench = import_robustbench()
     assert robustbench.__name__ == "robustbench"

@@ -13,15 +13,6 @@ from at_memorization import checkpoint as ckpt
 from at_memorization._compat import import_robustbench
 from at_memorization.models import OUR_MODELS, UnknownModelError, build_model, count_parameters, model_names
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models run fastest on one thread; several threads crawl when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 PAPER_MODELS = ("preactresnet18", "resnet18_cifar", "wrn34_10", "wrn28_10", "smallcnn")
 
 # Parameter counts of the standard CIFAR-10 architectures (10 classes).

@@ -18,15 +18,6 @@ from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingErro
 REQUIRED_KEYS = {"epoch", "lr", "train_loss", "train_seconds", "test_clean_acc", "test_robust_acc"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; several threads crawl when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------- schedules
 def test_step_schedule_follows_the_paper():
     config = RunConfig(lr=0.1, epochs=200, milestones=[100, 150])
