@@ -9,7 +9,17 @@ __version__ = "0.1.0"
 from . import models  # noqa: F401  (registers the backbones in timm)
 from .models import build_model
 
-__all__ = ["TELoss", "TEPGD", "build_model", "__version__"]
+__all__ = ["TELoss", "TEPGD", "build_model", "load_model", "__version__"]
+
+
+def load_model(checkpoint_path):
+    """The trained model of one of our checkpoints, in eval mode on the CPU.
+
+    Loads with ``torch.load(weights_only=True)`` and checks that the file is ours.
+    """
+    from .checkpoint import build_model_from_checkpoint, load_checkpoint
+
+    return build_model_from_checkpoint(load_checkpoint(checkpoint_path))
 
 
 def __getattr__(name):

@@ -68,17 +68,26 @@ class PenalizedPGD(torchattacks.PGD):
         return adv_images
 
 
+def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``f(x)_y - max_{j != y} f(x)_j`` per example (negative when misclassified)."""
+    correct = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+    return correct - others.max(dim=1).values
+
+
 class CWLinf(PenalizedPGD):
-    """PGD on the Carlini-Wagner margin loss (the 'CW' row of robustness tables)."""
+    """PGD on the Carlini-Wagner margin loss (the 'CW' row of robustness tables).
+
+    Maximizes ``min(max_{j != y} f_j - f_y, kappa)`` as TRADES'/MART's CW evaluation
+    (``-relu(f_y - max_j f_j + kappa)``): it pushes every point until it is misclassified by kappa.
+    """
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=30, kappa: float = 50.0, norm="Linf"):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=True, norm=norm)
         self.kappa = kappa
 
     def loss_fn(self, logits, labels):
-        correct = logits.gather(1, labels[:, None]).squeeze(1)
-        others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
-        return (others.max(dim=1).values - correct).clamp(min=-self.kappa).mean()
+        return (-margins(logits.float(), labels)).clamp(max=self.kappa).mean()
 
 
 class PenalizedTPGD(torchattacks.TPGD):
@@ -94,7 +103,8 @@ class PenalizedTPGD(torchattacks.TPGD):
     def forward(self, images, labels=None, penalty: Penalty = None, clean_logits: torch.Tensor | None = None):
         images = images.clone().detach().to(self.device)
         if clean_logits is None:
-            clean_logits = self.get_logits(images)
+            with torch.no_grad():  # a fixed target: no graph to keep alive through the steps
+                clean_logits = self.get_logits(images)
         clean_probs = F.softmax(clean_logits.detach().float(), dim=1)
         adv_images = torch.clamp(images + 0.001 * torch.randn_like(images), min=0, max=1).detach()
         scale = self.beta / images.shape[0]

@@ -259,6 +259,8 @@ def evaluate_command(checkpoint, attacks, n_examples, dataset, data_dir, eps, no
         raise click.ClickException(f"eps must be >= 0, got {eps}")
     if n_examples <= 0:
         raise click.ClickException(f"--n-examples must be positive, got {n_examples}")
+    if batch_size <= 0:
+        raise click.ClickException(f"--batch-size must be positive, got {batch_size}")
     chosen = ALL_ATTACKS if "all" in attacks else tuple(a for a in ALL_ATTACKS if a in attacks)
     if model_card and "autoattack" not in chosen:
         raise click.ClickException("--model-card needs --attack autoattack (or all)")
@@ -269,6 +271,11 @@ def evaluate_command(checkpoint, attacks, n_examples, dataset, data_dir, eps, no
     test = load_split(dataset, data_dir, train=False, size=n_examples)
     if test.num_classes != state["num_classes"]:
         raise click.ClickException(f"{dataset} has {test.num_classes} classes but the checkpoint's model has {state['num_classes']}")
+    expected_shape = (state.get("in_chans", test.shape[0]), state.get("img_size", test.shape[1]))
+    if (test.shape[0], test.shape[1]) != expected_shape:
+        raise click.ClickException(f"{dataset} images are {test.shape[0]}x{test.shape[1]}x{test.shape[2]} but the "
+                                   f"checkpoint's model was trained on {expected_shape[0]}-channel "
+                                   f"{expected_shape[1]}x{expected_shape[1]} images")
 
     def progress(name):
         click.echo(f"{name} on {len(test)} points ...", err=True)

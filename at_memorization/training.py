@@ -92,6 +92,14 @@ class RunConfig:
             problems.append(f"input noise fraction must be in [0, 1], got {self.input_noise_fraction}")
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.eval_steps < 0:
+            problems.append(f"eval steps must be >= 0, got {self.eval_steps}")
+        if self.eval_train_size < 0:
+            problems.append(f"eval train size must be >= 0, got {self.eval_train_size}")
+        if any(m < 1 for m in self.milestones):
+            problems.append(f"milestones must be epochs >= 1, got {self.milestones}")
         if self.batch_size < 1:
             problems.append(f"batch size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
@@ -223,6 +231,10 @@ class Trainer:
         self.setup = TrainingSetup(num_samples=len(train), num_classes=train.num_classes, epochs=config.epochs,
                                    eps=config.eps, step_size=config.step_size, steps=config.steps, norm=config.norm)
         self.method = method_cls(self.setup, **config.method_args).to(self.ctx.device)
+        if self.ctx.enabled:
+            # One random stream per rank (attack random starts, dropout): otherwise every shard of
+            # a global batch would get the same noise. Rank 0 keeps the single-process stream.
+            torch.manual_seed(config.seed + 7_919 * self.ctx.rank)
         self.train_model = self.model
         if self.ctx.enabled:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -249,7 +261,15 @@ class Trainer:
                 self.callbacks.log(note)
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint(self, epoch: int) -> dict:
+    def _rng_states(self) -> list[dict]:
+        """Every rank's generator states (a collective call under torchrun)."""
+        if not self.ctx.enabled:
+            return [capture_rng()]
+        states = [None] * self.ctx.world_size
+        dist.all_gather_object(states, capture_rng())
+        return states
+
+    def _checkpoint(self, epoch: int, rng_states: list[dict]) -> dict:
         return {
             "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
             "model": {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
@@ -261,7 +281,7 @@ class Trainer:
             "scheduler": {"kind": self.config.schedule, "lr": learning_rate(self.config, epoch)},
             "method": {"name": self.config.method, "config": self.method.config(),
                        "state": self.method.state_dict()},
-            "epoch": epoch, "config": self.config.to_dict(), "rng": capture_rng(),
+            "epoch": epoch, "config": self.config.to_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
             "best": dict(self.best), "history": list(self.history),
         }
 
@@ -282,7 +302,8 @@ class Trainer:
         if self.tracked is not None and (self.out_dir / "tracking.pt").is_file():
             tracked = torch.load(self.out_dir / "tracking.pt", weights_only=True)
             self.tracked = {k: tracked[k] for k in self.tracked}
-        restore_rng(state["rng"])
+        per_rank = state.get("rng_per_rank") or []
+        restore_rng(per_rank[self.ctx.rank] if len(per_rank) == self.ctx.world_size else state["rng"])
         if self.ctx.is_main:  # metrics.jsonl may hold an epoch written after the last checkpoint
             self._rewrite_metrics()
             for stale in self.out_dir.glob(".*.tmp"):  # temporary files of a write that was killed
@@ -428,8 +449,9 @@ class Trainer:
             if improved:
                 self.best = {"epoch": epoch, "test_robust_acc": record["test_robust_acc"],
                              "test_clean_acc": record["test_clean_acc"]}
+            rng_states = self._rng_states()
             if self.ctx.is_main:
-                state = self._checkpoint(epoch)
+                state = self._checkpoint(epoch, rng_states)
                 if self.tracked is not None:
                     ckpt.save_atomic(self.tracked, self.out_dir / "tracking.pt")
                 if improved:

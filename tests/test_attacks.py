@@ -108,9 +108,17 @@ def test_cw_loss_is_the_margin():
     attack = CWLinf(_model(), kappa=50.0)
     logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 2.0, 5.0], [100.0, 0.0, -1.0]])
     labels = torch.tensor([0, 1, 0])
-    # max other - correct, clamped below at -kappa: 1-3 = -2, 5-2 = 3, max(0-100, -50) = -50
-    assert attack.loss_fn(logits, labels).item() == pytest.approx((-2 + 3 - 50) / 3)
-    assert CWLinf(_model(), kappa=1000.0).loss_fn(logits, labels).item() == pytest.approx((-2 + 3 - 100) / 3)
+    # min(max other - correct, kappa) as TRADES' -relu(correct - other + kappa): -2, 3, -100
+    assert attack.loss_fn(logits, labels).item() == pytest.approx((-2 + 3 - 100) / 3)
+    assert CWLinf(_model(), kappa=1.0).loss_fn(logits, labels).item() == pytest.approx((-2 + 1 - 100) / 3)
+    # A confidently correct point still gets a gradient (the attack keeps pushing it) ...
+    confident = torch.tensor([[60.0, 0.0, -1.0]], requires_grad=True)
+    attack.loss_fn(confident, torch.tensor([0])).backward()
+    assert confident.grad.tolist() == [[-1.0, 1.0, 0.0]]
+    # ... while one already misclassified by more than kappa does not.
+    beaten = torch.tensor([[0.0, 60.0, -1.0]], requires_grad=True)
+    attack.loss_fn(beaten, torch.tensor([0])).backward()
+    assert torch.count_nonzero(beaten.grad) == 0
 
 
 def test_cw_attack_lowers_the_margin_and_respects_budget(batch):

@@ -69,6 +69,9 @@ def test_unknown_method(mnist_dir, tmp_path):
     (["--beta", "6"], ["--beta does not apply to method pgd-at", "trades"]),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], ["device"]),
     (["--device", "tpu"], ["tpu"]),
+    (["--momentum=-1"], ["momentum must be in [0, 1)"]),
+    (["--eval-train-size=-5"], ["eval train size must be >= 0"]),
+    (["--milestones", "0,3"], ["milestones must be epochs >= 1"]),
 ])
 def test_bad_training_options(mnist_dir, tmp_path, args, words):
     result = invoke(*tiny_train(mnist_dir, tmp_path / "r", *args))
@@ -141,6 +144,19 @@ def test_evaluate_bad_options(mnist_dir, tmp_path):
     if not torch.cuda.is_available():
         assert_one_line_error(invoke("evaluate", last, "--attack", "clean", "--n-examples", 4, "--device", "cuda"),
                               "cuda")
+    assert_one_line_error(invoke("evaluate", last, "--attack", "clean", "--batch-size", 0), "--batch-size must be positive")
+
+
+def test_evaluate_on_data_of_another_shape(mnist_dir, cifar_jpg_dir, tmp_path):
+    out = tmp_path / "r"
+    assert invoke(*tiny_train(mnist_dir, out)).exit_code == 0  # 1-channel 28x28
+    result = invoke("evaluate", out / "last.pt", "--attack", "clean", "--n-examples", 4,
+                    "--dataset", "imagefolder", "--data-dir", cifar_jpg_dir)
+    assert_one_line_error(result, "3x32x32", "1-channel 28x28")
+    import at_memorization
+
+    model = at_memorization.load_model(out / "last.pt")  # the safe Python loader
+    assert not model.training and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_methods_lists_the_four_methods_with_their_modules():

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..attacks import PenalizedPGD, PenalizedTPGD
+from ..attacks import PenalizedPGD, PenalizedTPGD, margins  # noqa: F401  (re-exported)
+from ..methods.trades import trades_kl
 from ..checkpoint import build_model_from_checkpoint, load_checkpoint
 from ..data import IndexedDataset, load_data, load_split
 
@@ -172,16 +173,7 @@ def trades_examples(model, x, y, *, eps, step_size, steps, seed=0, batch_size=25
 def trades_loss(model, x, x_adv, y, beta):
     """CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv)), as TRADES trains."""
     logits_clean = model(x)
-    logits_adv = model(x_adv)
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits_clean, y) + beta * kl
-
-
-def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``f(x)_y - max_{j != y} f(x)_j`` per example (negative when misclassified)."""
-    correct = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return correct - others.max(dim=1).values
+    return F.cross_entropy(logits_clean, y) + beta * trades_kl(model(x_adv), logits_clean)
 
 
 def finite_or_none(value):

@@ -120,8 +120,9 @@ class TELoss(nn.Module):
         probs = probs.to(self.ensemble.device)
         if self.sync_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             index, probs = _all_gather_rows(index, probs, equal_sizes=self.equal_rank_batches)
+        # Repeated indices (DistributedSampler pads with them; a user's sampler may draw them) all
+        # get their first row's values, so the write below is deterministic. Cheap: one scatter.
         index, probs = _first_occurrences(index, probs, self.num_samples)
-        # Repeated indices all carry their first row's values, so the write is deterministic.
         self.ensemble[index] = self.momentum * self.ensemble[index] + (1.0 - self.momentum) * probs
 
     def target(self, index: torch.Tensor) -> torch.Tensor:

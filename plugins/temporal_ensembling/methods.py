@@ -22,6 +22,10 @@ TE_HYPERPARAMETERS = (
 class TemporalEnsemblingMixin:
     """Builds and drives a ``TELoss`` for a method; shared by the PGD-AT and TRADES variants."""
 
+    def __init__(self, setup, **hparams):
+        super().__init__(setup, **hparams)  # the PGD-AT or TRADES method next in the MRO
+        self._init_te(setup)
+
     def _init_te(self, setup) -> None:
         h = self.hparams
         start, end = h["te_start"], h["te_end"]
@@ -61,9 +65,12 @@ class TemporalEnsemblingMixin:
         return clean_logits
 
     def _penalty(self, index, epoch):
-        if self.te.weight(epoch) == 0.0:
+        """The inner-loss penalty for the attack; the target is gathered once, not at every step."""
+        weight = self.te.weight(epoch)
+        if weight == 0.0:
             return None
-        return lambda logits: self.te(logits, index, epoch)
+        target = self.te.target(index)
+        return lambda logits: weight * (F.softmax(logits.float(), dim=1) - target).pow(2).mean()
 
     def on_epoch_start(self, epoch):
         return {"te_weight": self.te.weight(epoch)}
@@ -84,10 +91,6 @@ class PGDATTE(TemporalEnsemblingMixin, PGDAT):
     description = "PGD-AT + temporal ensembling (Dong et al. 2022): TE penalty in attack and loss"
     hyperparameters = PGDAT.hyperparameters + TE_HYPERPARAMETERS
 
-    def __init__(self, setup, **hparams):
-        super().__init__(setup, **hparams)
-        self._init_te(setup)
-
     def attack(self, model, x, y, index, epoch):
         self._update_ensemble(model, x, index, epoch)
         return self.make_attack(model)(x, y, penalty=self._penalty(index, epoch))
@@ -103,10 +106,6 @@ class TRADESTE(TemporalEnsemblingMixin, TRADES):
     name = "trades-te"
     description = "TRADES + temporal ensembling (Dong et al. 2022): TE penalty in attack (adv) and loss (clean)"
     hyperparameters = TRADES.hyperparameters + TE_HYPERPARAMETERS
-
-    def __init__(self, setup, **hparams):
-        super().__init__(setup, **hparams)
-        self._init_te(setup)
 
     def attack(self, model, x, y, index, epoch):
         # The eval-mode clean logits serve both the ensemble update and TRADES' KL target.
