@@ -155,7 +155,7 @@ class _ProgressCallbacks:
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=None, help="[default: 5e-4; 0 with --preset random-labels]")
 @click.option("--schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True)
-@click.option("--milestones", type=IntListType(), default=None, help="Epochs where the step schedule multiplies the lr by 0.1 [default: 50% and 75% of --epochs, i.e. 100,150 of 200].")
+@click.option("--milestones", type=IntListType(), default=None, help="Epochs after which the step schedule multiplies the lr by 0.1 [default: 50% and 75% of --epochs, i.e. 100,150 of 200: epochs 101 and 151 start at the lower lr].")
 @click.option("--eps", type=FRACTION, default="8/255", show_default=True, help="Perturbation budget, e.g. 8/255.")
 @click.option("--step-size", type=FRACTION, default="2/255", show_default=True)
 @click.option("--steps", type=int, default=10, show_default=True, help="Attack steps during training.")
@@ -205,9 +205,8 @@ def train_command(method, preset, out_dir, resume, device, quiet, **options):
     if options["label_noise"] is None:
         options["label_noise"] = 0.0
     if options["milestones"] is None:
-        # At least epoch 2, so that even a tiny run starts at the given learning rate.
         # Distinct epochs: a repeated milestone would multiply the lr by 0.1 twice at once.
-        options["milestones"] = sorted({max(2, round(f * options["epochs"])) for f in (0.5, 0.75)})
+        options["milestones"] = sorted({max(1, round(f * options["epochs"])) for f in (0.5, 0.75)})
     config = RunConfig(method=method, method_args=method_args, **options)
     out_dir = Path(out_dir or f"runs/{method}-{config.dataset}-{config.model}-s{config.seed}")
     trainer = Trainer(config, out_dir, device=device, resume=resume, callbacks=_ProgressCallbacks(quiet))

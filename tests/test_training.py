@@ -22,11 +22,17 @@ REQUIRED_KEYS = {"epoch", "lr", "train_loss", "train_seconds", "test_clean_acc",
 def test_step_schedule_follows_the_paper():
     config = RunConfig(lr=0.1, epochs=200, milestones=[100, 150])
     assert learning_rate(config, 1) == pytest.approx(0.1)
-    assert learning_rate(config, 99) == pytest.approx(0.1)
-    assert learning_rate(config, 100) == pytest.approx(0.01)
-    assert learning_rate(config, 149) == pytest.approx(0.01)
-    assert learning_rate(config, 150) == pytest.approx(0.001)
+    assert learning_rate(config, 100) == pytest.approx(0.1)  # MultiStepLR([100, 150]) stepped per epoch
+    assert learning_rate(config, 101) == pytest.approx(0.01)
+    assert learning_rate(config, 150) == pytest.approx(0.01)
+    assert learning_rate(config, 151) == pytest.approx(0.001)
     assert learning_rate(config, 200) == pytest.approx(0.001)
+    reference = torch.optim.lr_scheduler.MultiStepLR(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), milestones=[100, 150])
+    for epoch in range(1, 201):  # the paper's loop: train epoch `epoch`, then scheduler.step()
+        assert learning_rate(config, epoch) == pytest.approx(reference.get_last_lr()[0]), epoch
+        reference.optimizer.step()
+        reference.step()
 
 
 def test_cosine_schedule():
@@ -51,7 +57,7 @@ def test_config_validation(field, value, words):
 # --------------------------------------------------------------------------- in-process runs
 def _config(mnist_dir, **overrides) -> RunConfig:
     settings = dict(method="pgd-at", dataset="mnist", data_dir=str(mnist_dir), model="smallcnn", epochs=2,
-                    batch_size=64, lr=0.05, milestones=[2], eps=0.1, step_size=0.05, steps=2, eval_steps=2,
+                    batch_size=64, lr=0.05, milestones=[1], eps=0.1, step_size=0.05, steps=2, eval_steps=2,
                     train_size=256, test_size=64, seed=1)
     settings.update(overrides)
     return RunConfig(**settings)
