@@ -74,7 +74,7 @@ class HostReads(TorchFunctionMode):
 
 def _trainer(tmp_path, data, *, device="cpu", **overrides) -> Trainer:
     settings = dict(method="pgd-at", dataset="mnist", model="smallcnn", epochs=2, batch_size=64, steps=3,
-                    eval_steps=3, milestones=[2], eps=0.1, step_size=0.025, lr=0.05, seed=0)
+                    eval_steps=3, milestones=[1], eps=0.1, step_size=0.025, lr=0.05, seed=0)
     settings.update(overrides)
     return Trainer(RunConfig(**settings), tmp_path, device=device, data=data)
 
