@@ -6,8 +6,9 @@
 # test attack per epoch, clean/PGD-10 accuracy on the first 200 training images per epoch.
 # Usage: bash docs/results/reproduction/run_cpu_scale.sh /path/to/cifar10-jpg [RUN ...]
 # (RUN: pgd-at pgd-at-te trades trades-te random-pgd-at random-trades; default all, in order.)
-# Ran as two chains side by side with OMP_NUM_THREADS=1 (one core each):
-#   bash run_cpu_scale.sh DIR pgd-at trades random-pgd-at & bash run_cpu_scale.sh DIR pgd-at-te trades-te random-trades
+# Ran as two chains side by side with OMP_NUM_THREADS=1 (one core each), for pgd-at and pgd-at-te
+# only (both killed and resumed on the way); the TRADES and random-label runs of this setting were
+# dropped for time in favour of run_cpu_small_data.sh (see docs/REPRODUCTION.md).
 set -u
 DATA=${1:?path to the unpacked cifar10-jpg folder}; shift
 WANTED=" ${*:-pgd-at pgd-at-te trades trades-te random-pgd-at random-trades} "
