@@ -100,6 +100,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return obj
 
 
+def cpu_state_dict(model) -> dict:
+    """The model's state dict on the CPU, floating-point tensors in fp32 (what checkpoints hold)."""
+    return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+
+
 def build_model_from_checkpoint(checkpoint: dict):
     """The trained model, in eval mode, on the CPU."""
     from .models import build_model

@@ -43,11 +43,16 @@ def _download_hint(error: Exception) -> str:
     return f"download failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
 
 
+def torchvision_files_present(dataset_cls, data_dir) -> bool:
+    """Whether ``data_dir`` holds a torchvision CIFAR set's files with their official md5s."""
+    probe = dataset_cls.__new__(dataset_cls)
+    probe.root = str(data_dir)
+    return probe._check_integrity()
+
+
 def _load_torchvision_cifar(dataset_cls, folder: str, expected: str):
     def load(data_dir: Path, train: bool, download: bool):
-        probe = dataset_cls.__new__(dataset_cls)
-        probe.root = str(data_dir)
-        if not probe._check_integrity():
+        if not torchvision_files_present(dataset_cls, data_dir):
             if not download:
                 raise DataError(f"{data_dir / folder} not found: expected {expected} (or allow downloading)")
             try:

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .attacks import cw30, pgd20
+from .data import torchvision_files_present
 from .randomness import isolated_rng
 
 # name -> factory(model, eps, norm) for torchattacks-style attacks
@@ -83,9 +84,7 @@ def official_files_present(dataset: str, data_dir: str | Path) -> bool:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if dataset == "cifar10" else CIFAR100
-    probe = cls.__new__(cls)
-    probe.root = str(data_dir)
-    return probe._check_integrity()
+    return torchvision_files_present(cls, data_dir)
 
 
 def robustbench_benchmark(model, *, dataset: str, n_examples: int, data_dir, eps: float, norm: str = "Linf",

@@ -23,6 +23,15 @@ from timm.models import register_model
 __all__ = ["OUR_MODELS", "build_model", "model_names"]
 
 
+def _stage(model: nn.Module, block, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+    """One ResNet stage: ``num_blocks`` blocks, the first with ``stride``; tracks ``model.in_planes``."""
+    layers = []
+    for s in [stride] + [1] * (num_blocks - 1):
+        layers.append(block(model.in_planes, planes, s))
+        model.in_planes = planes
+    return nn.Sequential(*layers)
+
+
 # --------------------------------------------------------------------------- PreAct ResNet
 class PreActBlock(nn.Module):
     expansion = 1
@@ -53,19 +62,12 @@ class PreActResNet(nn.Module):
         super().__init__()
         self.in_planes = width
         self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
-        self.layer1 = self._make_layer(width, num_blocks[0], 1)
-        self.layer2 = self._make_layer(2 * width, num_blocks[1], 2)
-        self.layer3 = self._make_layer(4 * width, num_blocks[2], 2)
-        self.layer4 = self._make_layer(8 * width, num_blocks[3], 2)
+        self.layer1 = _stage(self, PreActBlock, width, num_blocks[0], 1)
+        self.layer2 = _stage(self, PreActBlock, 2 * width, num_blocks[1], 2)
+        self.layer3 = _stage(self, PreActBlock, 4 * width, num_blocks[2], 2)
+        self.layer4 = _stage(self, PreActBlock, 8 * width, num_blocks[3], 2)
         self.bn = nn.BatchNorm2d(8 * width)
         self.linear = nn.Linear(8 * width, num_classes)
-
-    def _make_layer(self, planes, num_blocks, stride):
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
@@ -102,18 +104,11 @@ class CifarResNet(nn.Module):
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        self.layer1 = _stage(self, BasicBlock, 64, num_blocks[0], 1)
+        self.layer2 = _stage(self, BasicBlock, 128, num_blocks[1], 2)
+        self.layer3 = _stage(self, BasicBlock, 256, num_blocks[2], 2)
+        self.layer4 = _stage(self, BasicBlock, 512, num_blocks[3], 2)
         self.linear = nn.Linear(512, num_classes)
-
-    def _make_layer(self, planes, num_blocks, stride):
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))

@@ -277,8 +277,7 @@ class Trainer:
     def _checkpoint(self, epoch: int, rng_states: list[dict]) -> dict:
         return {
             "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
-            "model": {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                      for k, v in self.model.state_dict().items()},
+            "model": ckpt.cpu_state_dict(self.model),
             "model_name": self.config.model, "num_classes": self.data.train.num_classes,
             "in_chans": self.data.train.shape[0], "img_size": self.data.train.shape[1],
             "dataset": self.config.dataset,
@@ -479,8 +478,7 @@ class Trainer:
                                            "world_size": self.ctx.world_size,
                                            "device": str(self.ctx.device)}, indent=2) + "\n",
                                self.out_dir / "config.json")
-        ckpt.save_atomic({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                          for k, v in self.model.state_dict().items()}, self.out_dir / "init.pt")
+        ckpt.save_atomic(ckpt.cpu_state_dict(self.model), self.out_dir / "init.pt")
         ckpt.save_atomic({"labels": self.data.train.labels, "clean_labels": self.data.clean_train_labels},
                          self.out_dir / "labels.pt")
         (self.out_dir / "metrics.jsonl").write_text("")

@@ -26,8 +26,11 @@ class TRADES(Method):
         self.beta = self.hparams["beta"]
 
     def make_attack(self, model) -> PenalizedTPGD:
-        s = self.setup
-        return PenalizedTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, beta=self.beta)
+        """One attack object per model, built on first use (not once per step)."""
+        if getattr(self, "_attack", None) is None or self._attack.model is not model:
+            s = self.setup
+            self._attack = PenalizedTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, beta=self.beta)
+        return self._attack
 
     def attack(self, model, x, y, index, epoch):
         return self.make_attack(model)(x, y)
