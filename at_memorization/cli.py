@@ -149,6 +149,7 @@ class _ProgressCallbacks:
 @click.option("--dataset", type=click.Choice(list(DATASETS)), default="cifar10", show_default=True)
 @click.option("--data-dir", default="./data", show_default=True, help="Where the data is, or is downloaded to.")
 @click.option("--model", default="preactresnet18", show_default=True, help="A backbone (see `at-mem models`) or any timm model.")
+@click.option("--drop-rate", type=float, default=None, help="Dropout rate of models that have dropout (timm's drop_rate) [default: the model's own, e.g. 0.5 for smallcnn].")
 @click.option("--epochs", type=int, default=200, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Global batch size (split over processes).")
 @click.option("--lr", type=float, default=0.1, show_default=True)
@@ -223,11 +224,137 @@ def train_command(method, preset, out_dir, resume, device, quiet, **options):
 
 
 # --------------------------------------------------------------------------- evaluate
+def _checkpoint_names(value: str | None) -> tuple[str, ...]:
+    from .report import CHECKPOINT_NAMES
+
+    if value is None:
+        return CHECKPOINT_NAMES
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in CHECKPOINT_NAMES]
+    if unknown or not names:
+        raise click.ClickException(f"--checkpoints {value!r}: unknown name {unknown[0]!r}; use best, last or best,last"
+                                   if unknown else "--checkpoints: give best, last or best,last")
+    return tuple(n for n in CHECKPOINT_NAMES if n in names)
+
+
+class _Evaluation:
+    """What `evaluate` shares between the checkpoints of one call: options, device, loaded test sets."""
+
+    def __init__(self, chosen, n_examples, dataset, data_dir, eps, norm, batch_size, device, seed):
+        self.chosen, self.n_examples, self.batch_size, self.seed = chosen, n_examples, batch_size, seed
+        self.dataset, self.data_dir, self.eps, self.norm, self.device = dataset, data_dir, eps, norm, device
+        self._splits = {}
+
+    def settings(self, state: dict) -> dict:
+        """The options, with the checkpoint's own values where none were given."""
+        config = state.get("config", {})
+        eps = config.get("eps", 8 / 255) if self.eps is None else self.eps
+        if eps < 0:
+            raise click.ClickException(f"eps must be >= 0, got {eps}")
+        return {"dataset": self.dataset or state["dataset"],
+                "data_dir": self.data_dir or config.get("data_dir", "./data"),
+                "eps": eps, "norm": self.norm or config.get("norm", "Linf")}
+
+    def test_split(self, dataset: str, data_dir: str):
+        from .data import load_split
+
+        key = (dataset, str(data_dir))
+        if key not in self._splits:
+            self._splits[key] = load_split(dataset, data_dir, train=False, size=self.n_examples)
+        return self._splits[key]
+
+    def run(self, state: dict, checkpoint) -> dict:
+        """Evaluate one loaded checkpoint; the record written by --output (and into RUN/eval/)."""
+        from .checkpoint import build_model_from_checkpoint
+        from .evaluation import evaluate
+        from .report import eval_record
+
+        s = self.settings(state)
+        dataset, data_dir = s["dataset"], s["data_dir"]
+        model = build_model_from_checkpoint(state)
+        test = self.test_split(dataset, data_dir)
+        if test.num_classes != state["num_classes"]:
+            raise click.ClickException(f"{dataset} has {test.num_classes} classes but the checkpoint's model has {state['num_classes']}")
+        expected_shape = (state.get("in_chans", test.shape[0]), state.get("img_size", test.shape[1]))
+        if (test.shape[0], test.shape[1]) != expected_shape:
+            raise click.ClickException(f"{dataset} images are {test.shape[0]}x{test.shape[1]}x{test.shape[2]} but the "
+                                       f"checkpoint's model was trained on {expected_shape[0]}-channel "
+                                       f"{expected_shape[1]}x{expected_shape[1]} images")
+
+        def progress(name):
+            click.echo(f"{name} on {len(test)} points ...", err=True)
+            return None
+
+        results = evaluate(model, test.images, test.labels, attacks=self.chosen, eps=s["eps"], norm=s["norm"],
+                           device=self.device, batch_size=self.batch_size, seed=self.seed, dataset=dataset,
+                           data_dir=data_dir, progress=progress)
+        info = {"epoch": state.get("epoch"), "dataset": dataset, "model": state["model_name"],
+                "method": state.get("method", {}).get("name")}
+        return eval_record(checkpoint, info, results, n_examples=len(test), eps=s["eps"], norm=s["norm"],
+                           seed=self.seed, device=str(self.device))
+
+
+def _echo_accuracies(record: dict, indent: str = "") -> None:
+    for key, value in record.items():
+        if key.endswith("_acc"):
+            click.echo(f"{indent}{key}: {value:.4f}")
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    if a.get("epoch") != b.get("epoch") or a["model"].keys() != b["model"].keys():
+        return False
+    return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def _evaluate_run_folder(run_dir: Path, names, evaluation: _Evaluation) -> None:
+    """Evaluate RUN/best.pt and/or RUN/last.pt into RUN/eval/<name>.json, merged with earlier results."""
+    from .checkpoint import load_checkpoint, write_text_atomic
+    from .report import ReportError, eval_path, merge_eval_records, read_json
+
+    if not (run_dir / "last.pt").is_file():
+        raise click.ClickException(f"{run_dir} is not a run folder (no last.pt): give a checkpoint file or an "
+                                   "`at-mem train --out` folder")
+    for name in names:
+        if not (run_dir / f"{name}.pt").is_file():
+            raise click.ClickException(f"{run_dir / f'{name}.pt'} not found (use --checkpoints to leave it out)")
+    previous = {}
+    for name in names:  # unreadable earlier results stop us before minutes of attacks
+        path = eval_path(run_dir, name)
+        try:
+            previous[name] = read_json(path) if path.exists() else None
+        except ReportError as error:
+            raise click.ClickException(f"{error}; fix or remove it")
+    states = {name: load_checkpoint(run_dir / f"{name}.pt") for name in names}
+    done: dict[str, dict] = {}
+    for name in names:
+        state = states[name]
+        twin = next((other for other in done if _same_weights(states[other], state)), None)
+        if twin is not None:
+            click.echo(f"{name}.pt is epoch {state.get('epoch')}, the same weights as {twin}.pt: evaluated once", err=True)
+            record = {**done[twin], "checkpoint": str(run_dir / f"{name}.pt")}
+        else:
+            click.echo(f"{name}.pt (epoch {state.get('epoch')}):", err=True)
+            record = evaluation.run(state, run_dir / f"{name}.pt")
+        done[name] = record
+        merged, replaced = merge_eval_records(previous[name], record, requested=evaluation.chosen)
+        path = eval_path(run_dir, name)
+        if replaced:
+            click.echo(f"{path}: {replaced}; overwriting it", err=True)
+        click.echo(f"{name} (epoch {record['epoch']}):")
+        _echo_accuracies(record, "  ")
+        write_text_atomic(json.dumps(merged, indent=2) + "\n", path)
+        click.echo(f"wrote {path}")
+
+
 @main.command("evaluate")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @click.option("--attack", "attacks", multiple=True, type=click.Choice(["clean", "pgd20", "cw", "autoattack", "all"]),
               default=("all",), show_default=True, help="Repeat for several.")
 @click.option("--n-examples", type=int, default=10000, show_default=True, help="The first N test points (RobustBench: 10000).")
+@click.option("--checkpoints", "checkpoint_names", default=None, metavar="best,last",
+              help="With a run folder: which of its checkpoints [default: best,last].")
 @click.option("--dataset", type=click.Choice(list(DATASETS)), default=None, help="[default: the checkpoint's]")
 @click.option("--data-dir", default=None, help="[default: the checkpoint's]")
 @click.option("--eps", type=FRACTION, default=None, help="[default: the checkpoint's training eps]")
@@ -235,26 +362,33 @@ def train_command(method, preset, out_dir, resume, device, quiet, **options):
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default=None, help="[default: cuda when available]")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the results as JSON here (a checkpoint file only).")
 @click.option("--model-card", type=click.Path(dir_okay=False), default=None,
-              help="Also write a RobustBench model_info JSON here (needs autoattack).")
+              help="Also write a RobustBench model_info JSON here (needs autoattack; a checkpoint file only).")
 @_user_errors
-def evaluate_command(checkpoint, attacks, n_examples, dataset, data_dir, eps, norm, batch_size, device, seed,
-                     output, model_card):
-    """Evaluate a checkpoint: clean, PGD-20, CW and AutoAttack (RobustBench's protocol)."""
-    import torch
+def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset, data_dir, eps, norm, batch_size,
+                     device, seed, output, model_card):
+    """Evaluate a checkpoint: clean, PGD-20, CW and AutoAttack (RobustBench's protocol).
 
-    from .checkpoint import build_model_from_checkpoint, load_checkpoint
-    from .data import load_split
-    from .evaluation import ALL_ATTACKS, evaluate, write_model_card
+    CHECKPOINT is a checkpoint file, or a run folder (`at-mem train --out`): then its best.pt and
+    last.pt are evaluated into RUN/eval/best.json and RUN/eval/last.json, merged with the results of
+    earlier calls for the same checkpoint (each accuracy keeps its n_examples in n_examples_by_attack).
+    """
+    from .checkpoint import load_checkpoint
+    from .evaluation import ALL_ATTACKS, write_model_card
+    from .training import resolve_device
 
-    state = load_checkpoint(checkpoint)
-    config = state.get("config", {})
-    dataset = dataset or state["dataset"]
-    data_dir = data_dir or config.get("data_dir", "./data")
-    eps = config.get("eps", 8 / 255) if eps is None else eps
-    norm = norm or config.get("norm", "Linf")
-    if eps < 0:
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else None
+    if run_dir is not None:
+        for flag, value in (("--output", output), ("--model-card", model_card)):
+            if value:
+                raise click.ClickException(f"{flag} does not apply to a run folder: the results go to "
+                                           f"{run_dir / 'eval'}/best.json and last.json")
+        names = _checkpoint_names(checkpoint_names)
+    elif checkpoint_names is not None:
+        raise click.ClickException(f"--checkpoints applies to a run folder only; {checkpoint} is not a folder")
+    if eps is not None and eps < 0:
         raise click.ClickException(f"eps must be >= 0, got {eps}")
     if n_examples <= 0:
         raise click.ClickException(f"--n-examples must be positive, got {n_examples}")
@@ -263,40 +397,60 @@ def evaluate_command(checkpoint, attacks, n_examples, dataset, data_dir, eps, no
     chosen = ALL_ATTACKS if "all" in attacks else tuple(a for a in ALL_ATTACKS if a in attacks)
     if model_card and "autoattack" not in chosen:
         raise click.ClickException("--model-card needs --attack autoattack (or all)")
-    from .training import resolve_device
+    state = load_checkpoint(checkpoint) if run_dir is None else None
+    evaluation = _Evaluation(chosen, n_examples, dataset, data_dir, eps, norm, batch_size,
+                             str(resolve_device(device)), seed)
+    if run_dir is not None:
+        _evaluate_run_folder(run_dir, names, evaluation)
+        return
 
-    device = str(resolve_device(device))
-    model = build_model_from_checkpoint(state)
-    test = load_split(dataset, data_dir, train=False, size=n_examples)
-    if test.num_classes != state["num_classes"]:
-        raise click.ClickException(f"{dataset} has {test.num_classes} classes but the checkpoint's model has {state['num_classes']}")
-    expected_shape = (state.get("in_chans", test.shape[0]), state.get("img_size", test.shape[1]))
-    if (test.shape[0], test.shape[1]) != expected_shape:
-        raise click.ClickException(f"{dataset} images are {test.shape[0]}x{test.shape[1]}x{test.shape[2]} but the "
-                                   f"checkpoint's model was trained on {expected_shape[0]}-channel "
-                                   f"{expected_shape[1]}x{expected_shape[1]} images")
-
-    def progress(name):
-        click.echo(f"{name} on {len(test)} points ...", err=True)
-        return None
-
-    results = evaluate(model, test.images, test.labels, attacks=chosen, eps=eps, norm=norm, device=device,
-                       batch_size=batch_size, seed=seed, dataset=dataset, data_dir=data_dir, progress=progress)
-    record = {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), "dataset": dataset, "model": state["model_name"],
-              "method": state.get("method", {}).get("name"), "n_examples": len(test), "eps": eps, "norm": norm,
-              "seed": seed, "device": str(device), **results}
-    for key, value in results.items():
-        if key.endswith("_acc"):
-            click.echo(f"{key}: {value:.4f}")
+    record = evaluation.run(state, checkpoint)
+    _echo_accuracies(record)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(record, indent=2) + "\n")
         click.echo(f"wrote {output}")
     if model_card:
-        write_model_card(model_card, dataset=dataset, eps=eps, clean_acc=results["clean_acc"],
-                         autoattack_acc=results["autoattack_acc"],
-                         extra={"name": Path(checkpoint).stem, "method": record["method"], "n_examples": len(test)})
+        write_model_card(model_card, dataset=record["dataset"], eps=record["eps"], clean_acc=record["clean_acc"],
+                         autoattack_acc=record["autoattack_acc"],
+                         extra={"name": Path(checkpoint).stem, "method": record["method"],
+                                "n_examples": record["n_examples"]})
         click.echo(f"wrote {model_card}")
+
+
+# --------------------------------------------------------------------------- report
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json"]), default="markdown", show_default=True)
+@click.option("--paired", multiple=True, metavar="BASE:OTHER",
+              help="Also OTHER minus BASE per seed, e.g. pgd-at:pgd-at-te (group labels; repeatable).")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the table here [default: stdout].")
+def report_command(runs, fmt, paired, output):
+    """A table from run folders: runs differing only in --seed are one row (mean ± std).
+
+    Reads RUN/config.json, RUN/metrics.jsonl and, when present, RUN/eval/best.json and
+    RUN/eval/last.json (from `at-mem evaluate RUN`).
+    """
+    from .checkpoint import write_text_atomic
+    from .report import ReportError, report
+
+    try:
+        text, warnings = report(runs, fmt=fmt, paired=paired)
+    except ReportError as error:
+        raise click.ClickException(str(error).splitlines()[0])
+    for warning in warnings:
+        if output or fmt != "markdown":  # the markdown on stdout already carries them
+            click.echo(f"warning: {warning}", err=True)
+    if not output:
+        click.echo(text, nl=False)
+        return
+    try:
+        write_text_atomic(text, output)
+    except OSError as error:
+        reason = ("a part of its folder path is a file" if isinstance(error, (FileExistsError, NotADirectoryError))
+                  else error.strerror or str(error))
+        raise click.ClickException(f"cannot write {output}: {reason}")
+    click.echo(f"wrote {output}")
 
 
 from .analysis.commands import register as _register_analysis  # noqa: E402  (needs `main` above)

@@ -242,21 +242,30 @@ class UnknownModelError(ValueError):
     pass
 
 
-def build_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 32) -> nn.Module:
+def build_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 32,
+                drop_rate: float | None = None) -> nn.Module:
     """Build any timm-registered model for a data set's shape.
 
     Our models ignore ``img_size``; timm's own models (ViTs, ...) get it so that 32x32 inputs work.
+    ``drop_rate`` is timm's dropout argument (None: the model's own default, e.g. 0.5 for smallcnn);
+    a model without dropout refuses it.
     """
     if not timm.is_model(name):
         raise UnknownModelError(
             f"unknown model {name!r}: ours are {', '.join(model_names())}; any timm model name also works"
         )
+    extra = {} if drop_rate is None else {"drop_rate": drop_rate}
     try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 img_size=img_size)
+                                 img_size=img_size, **extra)
     except TypeError:
         # Most timm CNNs take no img_size; they adapt to any input size by global pooling.
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **extra)
+        except TypeError:
+            if not extra:
+                raise
+            raise UnknownModelError(f"model {name!r} has no dropout to set (--drop-rate)") from None
 
 
 def count_parameters(model: nn.Module) -> int:

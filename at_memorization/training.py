@@ -48,6 +48,7 @@ class RunConfig:
     dataset: str = "cifar10"
     data_dir: str = "./data"
     model: str = "preactresnet18"
+    drop_rate: float | None = None  # the model's dropout (timm's drop_rate); None: the model's default
     epochs: int = 200
     batch_size: int = 128
     lr: float = 0.1
@@ -108,6 +109,8 @@ class RunConfig:
             problems.append(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.drop_rate is not None and not 0.0 <= self.drop_rate < 1.0:
+            problems.append(f"drop rate must be in [0, 1), got {self.drop_rate}")
         if self.norm not in ("Linf", "L2"):
             problems.append(f"norm must be Linf or L2, got {self.norm!r}")
         if problems:
@@ -230,7 +233,8 @@ class Trainer:
         # step copies nothing from the host (CIFAR-10: 150 MB).
         self.train_images = train.images.to(self.ctx.device)
         self.train_labels = train.labels.to(self.ctx.device)
-        self.model = build_model(config.model, train.num_classes, in_chans, height).to(self.ctx.device)
+        self.model = build_model(config.model, train.num_classes, in_chans, height,
+                                 drop_rate=config.drop_rate).to(self.ctx.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.setup = TrainingSetup(num_samples=len(train), num_classes=train.num_classes, epochs=config.epochs,

@@ -54,3 +54,32 @@ def test_plot_gradient_stability_and_memorization(tmp_path):
               "per_epoch": {"epoch": [1, 2, 3], "newly_fitted": [5, 1, 2], "test_robust_acc": [0.1, 0.3, 0.2],
                             "train_robust_acc": [0.2, 0.5, 0.8]}}
     assert_png(plot_memorization([report], tmp_path / "mem.png"))
+
+
+def test_mean_band_over_seeds_and_the_robust_gap():
+    from at_memorization.analysis.plots import _mean_band
+
+    a, b = records(4), records(4)
+    for r in b:
+        r["test_robust_acc"] += 0.1
+        r["train_robust_acc"] += 0.3
+    epochs, mean, low, high = _mean_band([a, b[:3]], "test_robust_acc")
+    assert epochs == [1, 2, 3, 4]
+    assert mean[0] == pytest.approx(a[0]["test_robust_acc"] + 0.05)
+    assert (low[0], high[0]) == pytest.approx((a[0]["test_robust_acc"], a[0]["test_robust_acc"] + 0.1))
+    assert mean[3] == pytest.approx(a[3]["test_robust_acc"])  # only one run reached epoch 4
+    _, gap, _, _ = _mean_band([a, b], "robust_gap")
+    assert gap[1] == pytest.approx(a[1]["train_robust_acc"] - a[1]["test_robust_acc"] + 0.1)
+    assert _mean_band([records(3, train_acc=False)], "robust_gap")[0] == []
+
+
+def test_plot_groups_overlays_methods(tmp_path):
+    from at_memorization.analysis.plots import plot_groups
+
+    four = assert_png(plot_groups([("pgd-at", [records(), records()]), ("pgd-at-te", [records(te=True)])],
+                                  tmp_path / "groups.png"))
+    # without training accuracies the train-robust and gap panels are left out
+    two = assert_png(plot_groups([("pgd-at", [records(train_acc=False)])], tmp_path / "two.png"))
+    assert four[0] > 1.5 * two[0]
+    with pytest.raises(ValueError):
+        plot_groups([], tmp_path / "none.png")

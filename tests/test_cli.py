@@ -72,6 +72,8 @@ def test_unknown_method(mnist_dir, tmp_path):
     (["--momentum=-1"], ["momentum must be in [0, 1)"]),
     (["--eval-train-size=-5"], ["eval train size must be >= 0"]),
     (["--milestones", "0,3"], ["milestones must be epochs >= 1"]),
+    (["--drop-rate", "1.5"], ["drop rate must be in [0, 1)"]),
+    (["--model", "preactresnet18_w16", "--drop-rate", "0.1"], ["no dropout", "--drop-rate"]),
 ])
 def test_bad_training_options(mnist_dir, tmp_path, args, words):
     result = invoke(*tiny_train(mnist_dir, tmp_path / "r", *args))

@@ -124,3 +124,20 @@ def test_robustbench_load_model_reads_our_checkpoint_offline(tmp_path, monkeypat
 def test_our_models_registry_is_consistent():
     for name in OUR_MODELS:
         assert name in model_names()
+
+
+def test_drop_rate_is_passed_to_models_with_dropout():
+    """--drop-rate is timm's drop_rate: smallcnn's classifier dropout follows it; None keeps 0.5."""
+    dropouts = lambda model: [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts(build_model("smallcnn", 10, in_chans=1)) == [0.5]
+    assert dropouts(build_model("smallcnn", 10, in_chans=1, drop_rate=0.0)) == [0.0]
+    # a model without train-mode dropout computes the same in train and eval mode (no BN in smallcnn)
+    model = build_model("smallcnn", 10, in_chans=1, drop_rate=0.0)
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(model.train()(x), model.eval()(x))
+
+
+def test_drop_rate_on_a_model_without_dropout_is_refused():
+    with pytest.raises(UnknownModelError) as info:
+        build_model("preactresnet18_w16", 10, drop_rate=0.1)
+    assert "no dropout" in str(info.value) and "--drop-rate" in str(info.value)

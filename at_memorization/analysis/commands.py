@@ -202,13 +202,25 @@ def memorization_command(run_dirs, output, late_after, max_listed, plot_path):
 @click.command("plot")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
-def plot_command(run_dirs, output):
+@click.option("--by-method", is_flag=True,
+              help="Overlay the methods in one figure: runs that differ only in --seed are one line "
+                   "(mean over seeds, band: min-max), grouped as `at-mem report` groups them.")
+def plot_command(run_dirs, output, by_method):
     """Training curves of one or more runs side by side (accuracies, robust gap, grad norm, TE weight)."""
     from .common import read_metrics
-    from .plots import plot_runs
+    from .plots import plot_groups, plot_runs
 
     if not output.lower().endswith(".png"):
         raise click.ClickException(f"--output must be a .png file, got {output}")
+    if by_method:
+        from ..report import ReportError, group_runs, read_runs
+
+        try:
+            groups = group_runs(read_runs(run_dirs))
+        except ReportError as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(f"wrote {plot_groups([(g.label, [r.records for r in g.runs]) for g in groups], output)}")
+        return
     runs = [(Path(d).name, read_metrics(d)) for d in run_dirs]
     click.echo(f"wrote {plot_runs(runs, output)}")
 

@@ -95,6 +95,62 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
     return _save(fig, path)
 
 
+GROUP_PANELS = (("test_robust_acc", "test robust accuracy"), ("train_robust_acc", "train robust accuracy"),
+                ("robust_gap", "robust gap (train - test)"), ("test_clean_acc", "test clean accuracy"))
+
+
+def _mean_band(runs: list[list[dict]], key: str):
+    """Per epoch over the runs that logged ``key``: epochs, mean, min, max."""
+    by_epoch: dict[int, list[float]] = {}
+    for records in runs:
+        for r in records:
+            if key == "robust_gap":
+                value = (r["train_robust_acc"] - r["test_robust_acc"]) if "train_robust_acc" in r else None
+            else:
+                value = r.get(key)
+            if value is not None:
+                by_epoch.setdefault(r["epoch"], []).append(value)
+    epochs = sorted(by_epoch)
+    values = [by_epoch[e] for e in epochs]
+    return (epochs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values])
+
+
+def plot_groups(groups: list[tuple[str, list[list[dict]]]], path) -> Path:
+    """Methods overlaid, one panel per quantity: the mean over a group's seeds (line) and their
+    range (band), with each group's best epoch of the mean curve marked; lr drops as dotted lines."""
+    if not groups:
+        raise ValueError("no runs to plot")
+    panels = [p for p in GROUP_PANELS if any(_mean_band(runs, p[0])[0] for _, runs in groups)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drops = set()
+    for _, runs in groups:
+        for records in runs:
+            drops.update(b["epoch"] for a, b in zip(records, records[1:]) if b.get("lr", 0) < a.get("lr", 0))
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, (label, runs) in enumerate(groups):
+            epochs, mean, low, high = _mean_band(runs, key)
+            if not epochs:
+                continue
+            color = colors[i % len(colors)]
+            seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+            ax.plot(epochs, mean, color=color, label=label + seeds)
+            if len(runs) > 1:
+                ax.fill_between(epochs, low, high, color=color, alpha=0.15, lw=0)
+            if key == "test_robust_acc":
+                best = max(range(len(mean)), key=lambda j: mean[j])
+                ax.plot([epochs[best]], [mean[best]], "*", color=color, markersize=10)
+        for epoch in sorted(drops):
+            ax.axvline(epoch - 0.5, color="gray", lw=0.8, ls=":")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    axes[0][0].set_ylabel("mean over seeds (band: min-max)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_gradient_stability(results: list[dict], path) -> Path:
     """Per checkpoint (columns), log-log against ``||delta||``: the ratio
     ``||grad L(theta+delta) - grad L(theta)|| / ||delta||`` and (second row, when present) the
