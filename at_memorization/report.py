@@ -33,7 +33,7 @@ EVAL_ATTACKS = ("clean", "pgd20", "cw", "autoattack")
 ROBUST_ATTACKS = ("pgd20", "cw", "autoattack")
 ATTACK_TITLES = {"clean": "clean", "pgd20": "PGD-20", "cw": "CW", "autoattack": "AutoAttack"}
 # Settings that do not change a run's results (besides the seed, which defines the repetitions).
-IGNORED_SETTINGS = ("seed", "data_dir", "compile", "channels_last", "device", "world_size")
+IGNORED_SETTINGS = ("seed", "data_dir", "compile", "channels_last", "device", "world_size", "track_samples")
 # What makes two eval records measurements of the same checkpoint (besides its epoch).
 SAME_CHECKPOINT_KEYS = ("dataset", "norm", "model", "method")
 FORMATS = ("markdown", "csv", "json")
@@ -148,6 +148,13 @@ class Run:
     records: list[dict]
     evals: dict = field(default_factory=dict)  # "best"/"last" -> eval record or None
     warnings: list[str] = field(default_factory=list)
+    method_config: dict | None = None  # the method's resolved settings (config.json's "method")
+
+    @property
+    def unfinished(self) -> bool:
+        """Fewer epochs in metrics.jsonl than the run was set up for (still training, or stopped)."""
+        epochs = self.config.get("epochs")
+        return isinstance(epochs, int) and self.records[-1]["epoch"] < epochs
 
     @property
     def seed(self):
@@ -212,7 +219,12 @@ def read_run(run_dir: str | Path) -> Run:
     config = document.get("config") if isinstance(document, dict) else None
     if not isinstance(config, dict) or "method" not in config or "dataset" not in config:
         raise ReportError(f"{run_dir / 'config.json'}: no \"config\" object with the run's settings")
-    run = Run(path=run_dir, config=config, records=read_metrics(run_dir / "metrics.jsonl"))
+    method_config = document.get("method")
+    run = Run(path=run_dir, config=config, records=read_metrics(run_dir / "metrics.jsonl"),
+              method_config=method_config if isinstance(method_config, dict) else None)
+    if run.unfinished:
+        run.warnings.append(f"{run_dir} has {run.records[-1]['epoch']} of {config['epochs']} epochs (still training or "
+                            "stopped): its 'final' is its last epoch so far")
     expected = {"best": best_record(run.records)["epoch"], "last": run.records[-1]["epoch"]}
     for which in CHECKPOINT_NAMES:
         path = eval_path(run_dir, which)
@@ -222,6 +234,8 @@ def read_run(run_dir: str | Path) -> Run:
         for key, value in (record or {}).items():
             if attack_of(key) and not _is_number(value):
                 raise ReportError(f"{path}: {key} is not a number")
+        if record is not None and not isinstance(record.get("n_examples_by_attack", {}), dict):
+            raise ReportError(f"{path}: n_examples_by_attack is not a JSON object")
         if record is not None and record.get("epoch") != expected[which]:
             run.warnings.append(f"{path} is for epoch {record.get('epoch')} but the run's {which} epoch is "
                                 f"{expected[which]} (run `at-mem evaluate {run_dir}` again); left out")
@@ -235,15 +249,25 @@ def read_run(run_dir: str | Path) -> Run:
 
 def read_runs(run_dirs) -> list[Run]:
     """Read several run folders (the same folder given twice counts once); all of one data set."""
-    runs, seen = [], set()
+    runs, seen, skipped, files = [], set(), [], []
     for run_dir in run_dirs:
         key = Path(run_dir).resolve()
         if key in seen:
             continue
         seen.add(key)
+        if Path(run_dir).is_file():  # `report runs/*` also matches the logs beside the run folders
+            files.append(str(run_dir))
+            continue
+        if (Path(run_dir) / "metrics.jsonl").is_file() and not (Path(run_dir) / "metrics.jsonl").read_text().strip():
+            skipped.append(f"{run_dir} has not finished an epoch yet: left out")
+            continue
         runs.append(read_run(run_dir))
+    if files:
+        skipped.insert(0, f"{len(files)} file(s) given are not run folders, left out: {', '.join(files[:3])}"
+                          + (", ..." if len(files) > 3 else ""))
     if not runs:
-        raise ReportError("no run folders given")
+        raise ReportError("no run folders given" if not skipped else f"no run to report ({skipped[0]})")
+    runs[0].warnings[:0] = skipped
     first = runs[0]
     for run in runs[1:]:
         if run.dataset != first.dataset:
@@ -253,16 +277,27 @@ def read_runs(run_dirs) -> list[Run]:
 
 
 # --------------------------------------------------------------------------- grouping
-def settings(config: dict) -> dict:
-    """The settings that change results: the config less IGNORED_SETTINGS, method_args flattened."""
+def _config_defaults() -> dict:
+    """RunConfig's defaults, so that a config.json written before a setting existed compares equal."""
+    import dataclasses
+
+    from .training import RunConfig
+
+    return RunConfig().to_dict() | {f.name: None for f in dataclasses.fields(RunConfig) if f.name not in RunConfig().to_dict()}
+
+
+def settings(config: dict, method_config: dict | None = None) -> dict:
+    """The settings that change results: the config (missing keys at RunConfig's defaults) less
+    IGNORED_SETTINGS, with the method's resolved settings (config.json's "method": defaults filled in,
+    so ``--te-weight 300`` and the default 300 are one setting); else ``method_args``, flattened."""
     flat = {}
-    for key, value in config.items():
-        if key in IGNORED_SETTINGS:
+    for key, value in (_config_defaults() | config).items():
+        if key in IGNORED_SETTINGS or key == "method_args":
             continue
-        if key == "method_args" and isinstance(value, dict):
-            flat.update({k: v for k, v in value.items()})
-        else:
-            flat[key] = value
+        flat[key] = value
+    method_settings = method_config if method_config is not None else config.get("method_args")
+    if isinstance(method_settings, dict):
+        flat.update(method_settings)
     return flat
 
 
@@ -272,7 +307,8 @@ def _canonical(value) -> str:
 
 def _show(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        text = repr(value)  # the shortest exact form: 0.2 and 0.20001 must not print alike
+        return text[:-2] if text.endswith(".0") else text
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
@@ -299,7 +335,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
     """
     keyed: dict[str, list[Run]] = {}
     for run in runs:
-        keyed.setdefault(_canonical(settings(run.config)), []).append(run)
+        keyed.setdefault(_canonical(settings(run.config, run.method_config)), []).append(run)
     groups = []
     for members in keyed.values():
         by_seed = {}
@@ -309,7 +345,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
                                   f"seed ({run.seed}); give only one of them")
             by_seed[_canonical(run.seed)] = run
         members = sorted(members, key=lambda r: (not isinstance(r.seed, (int, float)), r.seed if isinstance(r.seed, (int, float)) else 0, str(r.seed)))
-        groups.append(Group(label=members[0].method, method=members[0].method, settings=settings(members[0].config),
+        groups.append(Group(label=members[0].method, method=members[0].method,
+                            settings=settings(members[0].config, members[0].method_config),
                             runs=members))
     by_method: dict[str, list[Group]] = {}
     for group in groups:
@@ -358,6 +395,8 @@ def run_metrics(run: Run) -> dict[str, tuple[float | None, int | None]]:
     out["final_robust_per_epoch"] = (final["test_robust_acc"], test_n)
     out["gap_robust_per_epoch"] = (best["test_robust_acc"] - final["test_robust_acc"], test_n)
     train_n = config.get("eval_train_size") or None
+    if train_n and isinstance(config.get("train_size"), int):
+        train_n = min(train_n, config["train_size"])  # the trainer measures at most the whole training set
     train_robust = final.get("train_robust_acc")
     out["final_train_robust"] = (train_robust, train_n if train_robust is not None else None)
     return out
@@ -415,23 +454,36 @@ def paired_differences(groups: list[Group], spec: str) -> dict:
     if not pairs:
         raise ReportError(f"--paired {spec!r}: no seed in common ({base_label}: seeds "
                           f"{', '.join(map(str, base.seeds))}; {other_label}: seeds {', '.join(map(str, other.seeds))})")
+    warnings = []
+    unequal = [(b, o) for b, o in pairs if b.records[-1]["epoch"] != o.records[-1]["epoch"]]
+    for b, o in unequal:
+        warnings.append(f"--paired {spec}: seed {o.seed} left out: {b.path} is at epoch {b.records[-1]['epoch']}, "
+                        f"{o.path} at epoch {o.records[-1]['epoch']}")
+    pairs = [pair for pair in pairs if pair not in unequal]
+    if not pairs:
+        raise ReportError(f"--paired {spec!r}: no seed where both runs reached the same epoch")
     metrics = {}
     pair_metrics = [(run_metrics(b), run_metrics(o), o.seed) for b, o in pairs]
     for key in PAIRED_KEYS:
-        seeds, diffs = [], []
+        seeds, diffs, n_examples = [], [], []
         for base_m, other_m, seed in pair_metrics:
-            if base_m[key][0] is not None and other_m[key][0] is not None:
+            (b, nb), (o, no) = base_m[key], other_m[key]
+            if b is not None and o is not None:
                 seeds.append(seed)
-                diffs.append(other_m[key][0] - base_m[key][0])
-        metrics[key] = {**summary(diffs), "seeds": seeds, "values": diffs}
+                diffs.append(o - b)
+                n_examples.append(nb if nb == no else None)
+                if nb != no:
+                    warnings.append(f"--paired {spec}: {key} of seed {seed} compares {nb} with {no} test points")
+        metrics[key] = {**summary(diffs), "seeds": seeds, "values": diffs, "n_examples": n_examples}
     return {"base": base_label, "other": other_label, "seeds": [o.seed for _, o in pairs], "n_pairs": len(pairs),
-            "metrics": metrics}
+            "metrics": metrics, "warnings": warnings}
 
 
 # --------------------------------------------------------------------------- the report
 def build_report(runs: list[Run], paired: list[str] = ()) -> dict:
     """The report as plain data (what ``--format json`` prints): fractions, per-seed values included."""
     groups = group_runs(runs)
+    pairs = [paired_differences(groups, spec) for spec in paired]
     eval_steps = {g.label: g.settings.get("eval_steps") for g in groups}
     return {
         "dataset": runs[0].dataset,
@@ -439,8 +491,8 @@ def build_report(runs: list[Run], paired: list[str] = ()) -> dict:
         "groups": [{"label": g.label, "method": g.method, "settings": g.settings, "seeds": g.seeds,
                     "n_seeds": len(g.runs), "runs": [str(r.path) for r in g.runs], "metrics": group_metrics(g)}
                    for g in groups],
-        "paired": [paired_differences(groups, spec) for spec in paired],
-        "warnings": [w for run in runs for w in run.warnings],
+        "paired": pairs,
+        "warnings": [w for run in runs for w in run.warnings] + [w for p in pairs for w in p["warnings"]],
     }
 
 
@@ -471,7 +523,7 @@ def _cell(stats: dict, percent: bool, n_total: int | None = None) -> str:
     if stats["mean"] is None:
         return "-"
     text = _number(stats["mean"], percent)
-    if stats["std"] is not None and (percent or stats["std"] > 0):
+    if stats["std"] is not None and (percent or stats["std"] > 0):  # epochs: "40", not "40 ± 0"
         text += " ± " + (_number(stats["std"], percent) if percent else f"{stats['std']:.1f}")
     if n_total is not None and stats["n"] < n_total:
         text += f" (n={stats['n']})"

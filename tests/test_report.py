@@ -331,9 +331,9 @@ def test_report_bad_inputs(runs, tmp_path, case):
         document["config"]["dataset"] = "fashion-mnist"
         (copy / "config.json").write_text(json.dumps(document))
         words = ["different data sets", "mnist", "fashion-mnist", str(copy)]
-    elif case == "empty-metrics":
+    elif case == "empty-metrics":  # alone: nothing to report (beside other runs it is left out)
         (copy / "metrics.jsonl").write_text("")
-        words = [str(copy / "metrics.jsonl"), "empty"]
+        args, words = [copy], [str(copy), "not finished an epoch"]
     elif case == "bad-metrics":
         (copy / "metrics.jsonl").write_text('{"epoch": 1, "test_clean_acc": 0.5, "test_robust_acc"\n')
         words = [str(copy / "metrics.jsonl"), "not valid JSON", "line 1"]
@@ -365,3 +365,48 @@ def test_plot_by_method_groups_seeds(runs, tmp_path):
     groups = group_runs(read_runs(runs.values()))
     assert [(g.label, g.seeds) for g in groups] == [(m, list(SEEDS)) for m in METHODS]
     assert_one_line_error(invoke("plot", tmp_path, "--output", tmp_path / "x.png", "--by-method"), "not a run folder")
+
+
+# --------------------------------------------------------------------------- what report pools and leaves out
+def test_report_pools_old_configs_and_explicit_defaults(runs, tmp_path):
+    """A config.json written before --drop-rate existed, and a method setting given at its default
+    value, are the same settings as the defaults: one group, not two."""
+    old = copy_run(runs["pgd-at-te", 1], tmp_path / "old")
+    document = read_json(old / "config.json")
+    del document["config"]["drop_rate"]
+    document["config"]["method_args"] = {"te_weight": document["method"]["te_weight"]}
+    (old / "config.json").write_text(json.dumps(document))
+    report = json.loads(ok("report", runs["pgd-at-te", 0], old, "--format", "json").stdout)
+    assert [(g["label"], g["seeds"]) for g in report["groups"]] == [("pgd-at-te", [0, 1])]
+    other = copy_run(runs["pgd-at-te", 1], tmp_path / "other")
+    document = read_json(other / "config.json")
+    document["method"]["te_weight"] = 30.0
+    (other / "config.json").write_text(json.dumps(document))
+    report = json.loads(ok("report", runs["pgd-at-te", 0], other, "--format", "json").stdout)
+    assert [g["label"] for g in report["groups"]] == ["pgd-at-te (te_weight=300)", "pgd-at-te (te_weight=30)"]
+
+
+def test_report_warns_about_unfinished_runs_and_files(runs, tmp_path):
+    unfinished = copy_run(runs["pgd-at-te", 1], tmp_path / "unfinished")
+    document = read_json(unfinished / "config.json")
+    document["config"]["epochs"] = 5  # as if it were still training at epoch 3 of 5
+    (unfinished / "config.json").write_text(json.dumps(document))
+    log = tmp_path / "run.log"
+    log.write_text("not a run")
+    result = ok("report", runs["pgd-at-te", 0], unfinished, log, "--format", "json")
+    assert "has 3 of 5 epochs (still training or stopped)" in result.stderr
+    assert "1 file(s) given are not run folders" in result.stderr and str(log) in result.stderr
+    assert [g["label"] for g in json.loads(result.stdout)["groups"]] == ["pgd-at-te (epochs=3)", "pgd-at-te (epochs=5)"]
+
+    # A pair whose runs stopped at different epochs is left out of the paired differences.
+    shorter = copy_run(runs["pgd-at", 1], tmp_path / "shorter")
+    lines = (shorter / "metrics.jsonl").read_text().splitlines()
+    (shorter / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    shutil.rmtree(shorter / "eval")
+    result = ok("report", runs["pgd-at", 0], shorter, runs["pgd-at-te", 0], runs["pgd-at-te", 1], "--format", "json",
+                "--paired", "pgd-at:pgd-at-te")
+    assert "seed 1 left out" in result.stderr and "at epoch 2" in result.stderr
+    (pair,) = json.loads(result.stdout)["paired"]
+    assert pair["seeds"] == [0] and pair["n_pairs"] == 1
+    assert_one_line_error(invoke("report", shorter, runs["pgd-at-te", 1], "--paired", "pgd-at:pgd-at-te"),
+                          "no seed where both runs reached the same epoch")

@@ -126,7 +126,8 @@ def plot_groups(groups: list[tuple[str, list[list[dict]]]], path) -> Path:
     drops = set()
     for _, runs in groups:
         for records in runs:
-            drops.update(b["epoch"] for a, b in zip(records, records[1:]) if b.get("lr", 0) < a.get("lr", 0))
+            # step-schedule drops only (a cosine schedule lowers the lr a little every epoch)
+            drops.update(b["epoch"] for a, b in zip(records, records[1:]) if b.get("lr", 0) < 0.5 * a.get("lr", 0))
     for ax, (key, title) in zip(axes[0], panels):
         for i, (label, runs) in enumerate(groups):
             epochs, mean, low, high = _mean_band(runs, key)
