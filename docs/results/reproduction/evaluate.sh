@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (The eval_*.json files it wrote were later merged, numbers unchanged, into RUN/eval/best.json and
+# RUN/eval/last.json, the layout of `at-mem evaluate RUN`, and tabulated with `at-mem report`.)
 # Evaluate the best and final checkpoints of CPU-scale runs on CIFAR-10 (JPEG re-encoded):
 #   clean, PGD-20 and CW (30 steps) on the first 300 test points  -> RUN/eval_{best,final}.json
 #   with --autoattack also AutoAttack standard (pyautoattack) on the first 100 test points
