@@ -173,8 +173,10 @@ def best_record(records: list[dict]) -> dict:
     """The epoch of ``best.pt``: highest test robust accuracy, ties broken by higher clean accuracy.
 
     Among exact ties the earliest epoch wins (the trainer only replaces best.pt on an improvement).
+    The one statement of the rule for everything that reads ``metrics.jsonl`` (report, plots,
+    memorization).
     """
-    return max(records, key=lambda r: (r["test_robust_acc"], r["test_clean_acc"]))
+    return max(records, key=lambda r: (r["test_robust_acc"], r.get("test_clean_acc", 0.0)))
 
 
 def _is_number(value) -> bool:
@@ -279,11 +281,9 @@ def read_runs(run_dirs) -> list[Run]:
 # --------------------------------------------------------------------------- grouping
 def _config_defaults() -> dict:
     """RunConfig's defaults, so that a config.json written before a setting existed compares equal."""
-    import dataclasses
-
     from .training import RunConfig
 
-    return RunConfig().to_dict() | {f.name: None for f in dataclasses.fields(RunConfig) if f.name not in RunConfig().to_dict()}
+    return RunConfig().to_dict()
 
 
 def settings(config: dict, method_config: dict | None = None) -> dict:

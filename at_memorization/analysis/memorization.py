@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..report import best_record
 from .common import AnalysisError, read_metrics
 
 
@@ -88,7 +89,7 @@ def memorization_report(run_dir: str | Path, *, late_after: int | None = None, m
     tracked_acc = correct.float().mean(1).tolist()
     train_robust_source = "train_robust_acc" if all("train_robust_acc" in r for r in records) else "tracked adv_correct"
     train_robust = [r["train_robust_acc"] for r in records] if train_robust_source == "train_robust_acc" else tracked_acc
-    best_index = max(range(epochs), key=lambda i: (test_robust[i], records[i].get("test_clean_acc", 0.0)))
+    best_index = records.index(best_record(records[:epochs]))
     best_epoch = records[best_index]["epoch"]
     late_after = best_epoch if late_after is None else int(late_after)
     if not 0 <= late_after <= epochs:

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..report import best_record  # noqa: E402
+
 ACC_CURVES = (("train_clean_acc", "train clean", "tab:blue", "--"), ("train_robust_acc", "train robust", "tab:red", "--"),
               ("test_clean_acc", "test clean", "tab:blue", "-"), ("test_robust_acc", "test robust", "tab:red", "-"))
 
@@ -47,7 +49,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
         if not any("train_robust_acc" in r for r in records):
             epochs, values = _series(records, "train_adv_acc")
             ax.plot(epochs, values, ":", color="tab:red", label="train adv (training)")
-        best = max(records, key=lambda r: (r["test_robust_acc"], r.get("test_clean_acc", 0)))
+        best = best_record(records)
         final = records[-1]
         ax.plot([best["epoch"]], [best["test_robust_acc"]], "*", color="black", markersize=12,
                 label=f"best ep {best['epoch']}: {best['test_robust_acc']:.3f}")
