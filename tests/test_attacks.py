@@ -176,6 +176,7 @@ def test_pgd_under_bf16_autocast_returns_float32_within_eps(batch):
     assert not torch.equal(adv, x)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pgd_on_cuda_under_bf16(batch):
     x, y = batch

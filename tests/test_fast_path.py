@@ -141,6 +141,7 @@ def test_compile_gives_the_eager_result(mnist, tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (checks CUDA synchronizations)")
 @pytest.mark.parametrize("fast", [False, True], ids=["fp32", "bf16-channels-last"])
 def test_cuda_training_step_does_not_synchronize(fast, mnist, tmp_path):

@@ -225,3 +225,25 @@ def test_pgd_at_te_loss_is_ce_plus_penalty_on_adversarial_logits():
     other = get_method("pgd-at-te")(setup, te_start=1, te_end=3)
     other.load_state_dict(state)
     assert torch.equal(other.te.ensemble, method.te.ensemble)
+
+
+def test_trades_kl_matches_trades_code_and_keeps_gradients_finite_when_probabilities_underflow():
+    """TRADES' own KL form gives NaN gradients w.r.t. the clean logits once a clean probability is 0
+    (a TRADES-TE run diverged this way on an H200); ours has the same value and finite gradients."""
+    from at_memorization.methods.trades import trades_kl
+
+    torch.manual_seed(0)
+    adv, clean = torch.randn(8, 10), torch.randn(8, 10) * 3
+    reference = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="sum") / len(adv)
+    assert torch.allclose(trades_kl(adv, clean), reference, rtol=1e-6, atol=1e-7)
+
+    clean = clean.clone()
+    clean[:, 0] += 200.0  # every other class underflows to probability 0 in fp32
+    assert (F.softmax(clean, 1) == 0).any()
+    for form in ("trades-code", "ours"):
+        a, c = adv.clone().requires_grad_(), clean.clone().requires_grad_()
+        value = (F.kl_div(F.log_softmax(a, 1), F.softmax(c, 1), reduction="batchmean") if form == "trades-code"
+                 else trades_kl(a, c))
+        value.backward()
+        finite = torch.isfinite(c.grad).all() and torch.isfinite(a.grad).all()
+        assert bool(finite) == (form == "ours"), form

@@ -330,8 +330,27 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(mnist_dir, tmp_path)
     assert ckpt.load_checkpoint(full / "best.pt")["epoch"] == ckpt.load_checkpoint(cut / "best.pt")["epoch"]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_channels_last_run(mnist_dir, tmp_path):
     config = _config(mnist_dir, epochs=1, train_size=64, test_size=16, bf16=True, channels_last=True)
     history = Trainer(config, tmp_path / "run", device="cuda").fit()
     assert math.isfinite(history[0]["train_loss"]) and 0 <= history[0]["test_robust_acc"] <= 1
+
+
+def test_bare_cuda_device_is_given_an_index(monkeypatch):
+    """`--device cuda` (the default on a GPU machine) crashed every run on the first real GPU (an
+    H200): torch.cuda.set_device refuses a device without an index. Simulated on the CPU with
+    torch's own index rule standing in for set_device."""
+    from torch.cuda._utils import _get_device_index
+
+    from at_memorization.training import DistributedContext
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(_get_device_index(device)))
+    for requested, expected in (("cuda", 1), (None, 1), ("cuda:0", 0)):
+        assert DistributedContext(requested).device == torch.device("cuda", expected)
+    assert chosen == [1, 1, 0]

@@ -9,9 +9,15 @@ from .base import Hyperparameter, Method, MethodError
 
 
 def trades_kl(logits_adv, logits_clean):
-    """KL(p_clean || p_adv) per TRADES' code: KLDiv(log_softmax(adv), softmax(clean)), batch mean."""
-    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_clean.float(), dim=1),
-                    reduction="batchmean")
+    """KL(p_clean || p_adv), batch mean: the value of TRADES' ``KLDiv(log_softmax(adv), softmax(clean))``.
+
+    The clean distribution is passed as log-probabilities (``log_target``): the same value, but
+    TRADES' form has a NaN gradient with respect to the clean logits as soon as one clean
+    probability underflows to 0 (d/dp of p*log(p) at p = 0), which killed a TRADES-TE run on the
+    first GPU (an H200, fp32). Here the gradient stays finite.
+    """
+    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.log_softmax(logits_clean.float(), dim=1),
+                    reduction="batchmean", log_target=True)
 
 
 class TRADES(Method):

@@ -1,0 +1,124 @@
+"""The GPU suite's dry run (--tiny, CPU, MNIST): every stage runs and writes the JSON the docs describe,
+so the suite cannot rot between the rare GPU leases. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "gpu" / "suite.py"
+COLLECT = ROOT / "benchmarks" / "gpu" / "collect.py"
+METHODS = ("pgd-at", "pgd-at-te", "trades", "trades-te")
+
+
+def _suite(*args, mnist_dir, timeout=600):
+    env = {**os.environ, "AT_MEM_SHARED_DATA": str(mnist_dir.parent)}
+    return subprocess.run([sys.executable, "-P", str(SUITE), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-suite")
+    done = _suite("all", "--tiny", "--out", out, "--work", out.parent / "gpu-suite-work", "--budget-s", 900,
+                  mnist_dir=mnist_dir)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done.stdout
+
+
+def _load(out: Path, stage: str) -> dict:
+    record = json.loads((out / f"{stage}.json").read_text())
+    assert record["stage"] == stage and record["tiny"] is True and record["skipped"] == {}
+    assert record["device_name"].startswith("cpu")
+    return record
+
+
+@pytest.mark.slow
+def test_check_stage_records_tests_agreement_runs_and_evaluation(tiny_run):
+    out, stdout = tiny_run
+    steps = _load(out, "check")["steps"]
+    assert steps["environment"]["versions"]["at-memorization"] and steps["environment"]["cuda_available"] in (True, False)
+    assert steps["cuda_tests"]["ok"] and "skipped" in steps["cuda_tests"]["output_tail"]  # no CUDA here
+    agreement = steps["bf16_agreement"]
+    assert set(agreement["runs"]) == {"fp32", "bf16_channels_last"}
+    assert all(run["ok"] and len(run["metrics"]) == 1 for run in agreement["runs"].values())
+    fp32, bf16 = (agreement["runs"][k]["metrics"][0] for k in ("fp32", "bf16_channels_last"))
+    assert agreement["difference_bf16_minus_fp32"]["test_robust_acc"] == pytest.approx(
+        bf16["test_robust_acc"] - fp32["test_robust_acc"])
+    for method in METHODS:
+        run = steps[f"two_epochs_{method}"]
+        assert run["ok"] and [m["epoch"] for m in run["metrics"]] == [1, 2], method
+        assert "--bf16" in run["command"] and "--channels-last" in run["command"]
+    evaluation = steps["evaluate_all"]["evaluation"]
+    assert evaluation["epoch"] == 2 and evaluation["n_examples"] == 32
+    assert 0 <= evaluation["pgd20_acc"] <= evaluation["clean_acc"] <= 1
+    assert "failed: nothing" in stdout
+
+
+@pytest.mark.slow
+def test_speed_stage_summarizes_package_against_reference(tiny_run):
+    out, _ = tiny_run
+    record = _load(out, "speed")
+    assert set(record["steps"]) == {"fp32", "bf16_channels_last"}  # no compile variant in the dry run
+    table = record["summary"]["images_per_s"]
+    assert set(table) == set(METHODS)
+    for method, row in table.items():
+        assert row["fp32"] > 0 and row["bf16_channels_last"] > 0 and row["reference_fp32"] > 0, method
+        raw = record["steps"]["fp32"]["benchmark"]["methods"][method]
+        assert row["fp32"] == raw["package_images_per_s"]
+    (estimate,) = record["summary"]["epoch_estimate"]
+    assert estimate["model"] == "smallcnn" and estimate["seconds_per_cifar10_epoch"] == pytest.approx(
+        50_000 / estimate["images_per_s"])
+
+
+@pytest.mark.slow
+def test_reproduce_stage_trains_evaluates_and_packs_records(tiny_run):
+    out, _ = tiny_run
+    steps = _load(out, "reproduce")["steps"]
+    for method in ("pgd-at", "pgd-at-te"):
+        assert steps[f"train_{method}"]["finished"] and steps[f"train_{method}"]["epochs_done"] == 2
+        assert set(steps[f"evaluate_{method}"]["evaluation"]) == {"best", "last"}
+    with tarfile.open(out / "runs.tar.gz") as archive:
+        names = set(archive.getnames())
+    assert {"reproduce-pgd-at/metrics.jsonl", "reproduce-pgd-at-te/eval/last.json"} <= names
+    assert not any(name.endswith(".pt") for name in names)
+
+
+@pytest.mark.slow
+def test_collect_copies_under_the_device_name(tiny_run, tmp_path):
+    out, _ = tiny_run
+    done = subprocess.run([sys.executable, str(COLLECT), str(out), "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("gpu-cpu-")
+    assert {p.name for p in folder.iterdir()} == {"check.json", "speed.json", "reproduce.json", "runs.tar.gz"}
+    assert "check on cpu" in done.stdout and "pgd-at:" in done.stdout
+
+
+def test_a_spent_budget_skips_every_step_and_says_why(mnist_dir, tmp_path):
+    done = _suite("all", "--tiny", "--out", tmp_path, "--budget-s", 0, mnist_dir=mnist_dir, timeout=120)
+    assert done.returncode == 0, done.stderr
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert list(check["steps"]) == ["environment"]
+    assert {"cuda_tests", "bf16_agreement", "two_epochs_pgd-at", "evaluate_all"} <= set(check["skipped"])
+    assert "left of the budget" in check["skipped"]["cuda_tests"]
+    assert json.loads((tmp_path / "reproduce.json").read_text())["steps"] == {}
+
+
+def test_full_settings_need_a_cuda_device_or_tiny(tmp_path):
+    done = subprocess.run([sys.executable, "-P", str(SUITE), "check", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--cifar-dir is needed" in done.stderr
+
+
+def test_collect_refuses_a_folder_without_results(tmp_path):
+    done = subprocess.run([sys.executable, str(COLLECT), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("error: none of")
