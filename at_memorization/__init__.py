@@ -19,7 +19,7 @@ def load_model(checkpoint_path):
     """
     from .checkpoint import build_model_from_checkpoint, load_checkpoint
 
-    return build_model_from_checkpoint(load_checkpoint(checkpoint_path))
+    return build_model_from_checkpoint(load_checkpoint(checkpoint_path), path=checkpoint_path)
 
 
 def __getattr__(name):

@@ -6,6 +6,7 @@ User mistakes (unknown names, bad values, missing data, foreign checkpoints) end
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -22,9 +23,10 @@ from .data import DATASETS, INPUT_NOISE_KINDS, DataError
 from .methods import MethodError, UnknownMethodError, discover
 from .methods.registry import all_hyperparameters
 from .models import UnknownModelError, model_names
+from .runlock import RunLockError
 
 USER_ERRORS = (DataError, CheckpointError, MethodError, UnknownMethodError, UnknownModelError,
-               RobustBenchUnavailable, FileNotFoundError)
+               RobustBenchUnavailable, FileNotFoundError, RunLockError)
 
 
 def _user_errors(func):
@@ -132,10 +134,13 @@ class _ProgressCallbacks:
         if self.bar is not None:
             self.bar.update(1)
 
-    def epoch_end(self, record: dict) -> None:
+    def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+    def epoch_end(self, record: dict) -> None:
+        self.close_bar()
         if self.silent:
             return
         extra = "".join(f" {k}={record[k]:.4g}" for k in ("te_weight", "grad_norm") if k in record)
@@ -178,19 +183,35 @@ class _ProgressCallbacks:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", default=None, help="Run directory [default: runs/<method>-<dataset>-<model>-s<seed>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--override", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="With --resume: change a setting deliberately, e.g. lr=0.01 (repeatable; recorded in "
+                   "RUN/history.jsonl).")
+@click.option("--allow-data-change", is_flag=True,
+              help="With --resume: continue although the training data differ from the run's (recorded).")
+@click.option("--checkpoint-every-steps", type=int, default=0, show_default=True,
+              help="Also write last.pt every N steps within an epoch (0: at the end of each epoch only).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_method_options
 @_user_errors
-def train_command(method, preset, out_dir, resume, device, quiet, **options):
-    """Adversarially train a model (PGD-AT, TRADES, TE, ... see `at-mem methods`)."""
+def train_command(method, preset, out_dir, resume, overrides, allow_data_change, checkpoint_every_steps, device,
+                  quiet, **options):
+    """Adversarially train a model (PGD-AT, TRADES, TE, ... see `at-mem methods`).
+
+    SIGTERM or Ctrl-C stops at the next step with a checkpoint; the same command with --resume
+    continues exactly (exit status 128 + the signal's number).
+    """
     from .methods import get_method
-    from .training import RunConfig, Trainer, TrainingError
+    from .training import RunConfig, Trainer, TrainingError, TrainingInterrupted
 
     method_cls = get_method(method)
     accepted = {h.name for h in method_cls.hyperparameters}
+    override_values = _parse_overrides(overrides, method_cls)
+    for key, value in override_values.items():  # the new values take the place of the flags
+        if key not in accepted:
+            options[key] = value
     method_args = {}
     for name, (hp, owners) in all_hyperparameters().items():
-        value = options.pop(name, None)
+        value = override_values.get(name, options.pop(name, None))
         if value is None:
             continue
         if name not in accepted:
@@ -210,17 +231,113 @@ def train_command(method, preset, out_dir, resume, device, quiet, **options):
         options["milestones"] = sorted({max(1, round(f * options["epochs"])) for f in (0.5, 0.75)})
     config = RunConfig(method=method, method_args=method_args, **options)
     out_dir = Path(out_dir or f"runs/{method}-{config.dataset}-{config.model}-s{config.seed}")
-    trainer = Trainer(config, out_dir, device=device, resume=resume, callbacks=_ProgressCallbacks(quiet))
-    if trainer.start_epoch > config.epochs:
-        click.echo(f"{out_dir} already finished all {config.epochs} epochs")
-        return
-    say = click.echo if trainer.ctx.is_main else (lambda *a, **k: None)
-    say(f"training {method} on {config.dataset} ({len(trainer.data.train)} train / "
-               f"{len(trainer.data.test)} test) with {config.model} on {trainer.ctx.device}; writing {out_dir}", err=True)
-    trainer.fit()
+    callbacks = _ProgressCallbacks(quiet)
+    with _stop_on_signals() as stop:
+        trainer = Trainer(config, out_dir, device=device, resume=resume, callbacks=callbacks,
+                          overrides=override_values, allow_data_change=allow_data_change,
+                          checkpoint_every_steps=checkpoint_every_steps)
+        if trainer.start_epoch > config.epochs:
+            trainer.close()
+            click.echo(f"{out_dir} already finished all {config.epochs} epochs")
+            return
+        stop.trainer = trainer
+        say = click.echo if trainer.ctx.is_main else (lambda *a, **k: None)
+        say(f"training {method} on {config.dataset} ({len(trainer.data.train)} train / "
+                   f"{len(trainer.data.test)} test) with {config.model} on {trainer.ctx.device}; writing {out_dir}", err=True)
+        try:
+            trainer.fit()
+        except TrainingInterrupted as stopped:
+            callbacks.close_bar()
+            resume_hint = (f"continue with the same command and --resume" if stopped.saved else
+                           "nothing was trained yet: start again with the same command")
+            where = f"; saved {out_dir / 'last.pt'}" if stopped.step else ""
+            say(f"{stopped}{where}; {resume_hint}", err=True)
+            sys.exit(128 + stop.signum if stop.signum else 1)
     best = trainer.best
     say(f"done: best epoch {best['epoch']} (test robust {best['test_robust_acc']:.4f}, "
                f"clean {best['test_clean_acc']:.4f}); checkpoints in {out_dir}")
+
+
+class _SignalStop:
+    """SIGTERM/SIGINT ask the trainer to stop at the next step (a second Ctrl-C stops at once)."""
+
+    def __init__(self):
+        self.trainer = None
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        import signal
+
+        self.signum = signum
+        name = signal.Signals(signum).name
+        if self.trainer is None:  # still loading: nothing to save
+            raise TrainingInterruptedBeforeStart(name, signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+        click.echo(f"\n{name}: stopping after the current step and saving a checkpoint ...", err=True)
+        self.trainer.request_stop(name)
+
+
+class TrainingInterruptedBeforeStart(click.ClickException):
+    def __init__(self, name, signum):
+        super().__init__(f"stopped by {name} before training started; nothing was saved")
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    import signal
+
+    handler = _SignalStop()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield handler
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _parse_overrides(items, method_cls) -> dict:
+    """``--override KEY=VALUE`` pairs, each VALUE read with the type of its setting."""
+    import dataclasses
+
+    from .training import RunConfig
+
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    hyperparameters = {h.name: h for h in method_cls.hyperparameters}
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key or not raw.strip():
+            raise click.ClickException(f"--override {item!r}: expected KEY=VALUE, e.g. lr=0.01")
+        raw = raw.strip()
+        try:
+            if key in hyperparameters:
+                value = hyperparameters[key].type(raw)
+            elif key == "milestones":
+                value = IntListType().convert(raw, None, None)
+            elif key in ("eps", "step_size"):
+                value = FRACTION.convert(raw, None, None)
+            elif key in fields:
+                default = RunConfig().__getattribute__(key)
+                if isinstance(default, bool):
+                    if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(raw)
+                    value = raw.lower() in ("true", "1", "yes")
+                elif isinstance(default, int) or key in ("train_size", "test_size"):
+                    value = int(raw)
+                elif isinstance(default, float):
+                    value = float(raw)
+                else:
+                    value = raw
+            else:
+                raise click.ClickException(f"--override {key}: no such setting (see at-mem train --help)")
+        except (ValueError, click.BadParameter):
+            raise click.ClickException(f"--override {item!r}: {raw!r} is not a valid value for {key}") from None
+        values[key] = value
+    return values
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -271,7 +388,7 @@ class _Evaluation:
 
         s = self.settings(state)
         dataset, data_dir = s["dataset"], s["data_dir"]
-        model = build_model_from_checkpoint(state)
+        model = build_model_from_checkpoint(state, path=checkpoint)
         test = self.test_split(dataset, data_dir)
         if test.num_classes != state["num_classes"]:
             raise click.ClickException(f"{dataset} has {test.num_classes} classes but the checkpoint's model has {state['num_classes']}")
@@ -359,7 +476,7 @@ def _evaluate_run_folder(run_dir: Path, names, evaluation: _Evaluation) -> None:
 @click.option("--data-dir", default=None, help="[default: the checkpoint's]")
 @click.option("--eps", type=FRACTION, default=None, help="[default: the checkpoint's training eps]")
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default=None, help="[default: the checkpoint's]")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="[default: 1024 on CUDA, 256 on CPU]")
 @click.option("--device", default=None, help="[default: cuda when available]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
@@ -376,8 +493,8 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
     earlier calls for the same checkpoint (each accuracy keeps its n_examples in n_examples_by_attack).
     """
     from .checkpoint import load_checkpoint
-    from .evaluation import ALL_ATTACKS, write_model_card
-    from .training import resolve_device
+    from .evaluation import ALL_ATTACKS, default_batch_size, write_model_card
+    from .training import check_writable_folder, resolve_device
 
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else None
     if run_dir is not None:
@@ -392,14 +509,20 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
         raise click.ClickException(f"eps must be >= 0, got {eps}")
     if n_examples <= 0:
         raise click.ClickException(f"--n-examples must be positive, got {n_examples}")
-    if batch_size <= 0:
+    if batch_size is not None and batch_size <= 0:
         raise click.ClickException(f"--batch-size must be positive, got {batch_size}")
+    for flag, target in (("--output", output), ("--model-card", model_card)):
+        if target:  # before minutes of attacks, not after them
+            if Path(target).is_dir():
+                raise click.ClickException(f"{flag} {target} is a folder; give a file name")
+            check_writable_folder(Path(target).parent, flag)
     chosen = ALL_ATTACKS if "all" in attacks else tuple(a for a in ALL_ATTACKS if a in attacks)
     if model_card and "autoattack" not in chosen:
         raise click.ClickException("--model-card needs --attack autoattack (or all)")
     state = load_checkpoint(checkpoint) if run_dir is None else None
-    evaluation = _Evaluation(chosen, n_examples, dataset, data_dir, eps, norm, batch_size,
-                             str(resolve_device(device)), seed)
+    device = str(resolve_device(device))
+    evaluation = _Evaluation(chosen, n_examples, dataset, data_dir, eps, norm,
+                             batch_size or default_batch_size(device), device, seed)
     if run_dir is not None:
         _evaluate_run_folder(run_dir, names, evaluation)
         return

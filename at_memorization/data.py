@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import gzip
 import math
+import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,6 +45,70 @@ def _download_hint(error: Exception) -> str:
     return f"download failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
 
 
+def _reason(error: BaseException) -> str:
+    """``Type: first line of the message``, for one-line errors that keep the cause."""
+    name = type(error).__name__
+    if name == "error":  # zlib.error, struct.error: say which
+        name = f"{type(error).__module__}.error"
+    lines = str(error).strip().splitlines()
+    return f"{name}: {lines[0]}" if lines else name
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, source) -> None:
+    """Every label in ``[0, num_classes)``, or a DataError naming ``source``, the value and where it is."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        index = int(((labels < 0) | (labels >= num_classes)).nonzero()[0, 0])
+        raise DataError(f"{source}: label {int(labels[index])} (at index {index}) is outside [0, {num_classes}): "
+                        f"the data set has {num_classes} classes")
+
+
+# What unpickling a damaged or foreign file raises (pickle can fail in many ways).
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+                  AttributeError, ImportError, OverflowError)
+
+
+def _cifar_md5_failure(dataset_cls, data_dir: Path) -> Path | None:
+    """The first of a CIFAR set's files that is present but fails its md5 (None when one is missing)."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = data_dir / dataset_cls.base_folder
+    files = [(folder / name, md5) for name, md5 in dataset_cls.train_list + dataset_cls.test_list]
+    if not all(path.is_file() for path, _ in files):
+        return None
+    return next((path for path, md5 in files if not check_integrity(str(path), md5)), None)
+
+
+def _cifar_batch_problem(dataset_cls, data_dir: Path, train: bool, num_classes: int) -> str | None:
+    """The first unreadable or inconsistent file of a CIFAR split, as a message (only called on failure)."""
+    folder = data_dir / dataset_cls.base_folder
+    for name, _ in (dataset_cls.train_list if train else dataset_cls.test_list):
+        path = folder / name
+        try:
+            with open(path, "rb") as handle:
+                entry = pickle.load(handle, encoding="latin1")
+            data = entry["data"]
+            labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
+            labels = torch.as_tensor(labels, dtype=torch.int64)
+        except _PICKLE_ERRORS as error:
+            return f"{path}: not a readable CIFAR batch ({_reason(error)})"
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            return f"{path}: 'data' is a {found}, expected uint8 rows of 3072 bytes (32x32 RGB images)"
+        if labels.dim() != 1 or len(labels) != len(data):
+            return f"{path} holds {len(data)} images but {labels.numel()} labels"
+        try:
+            _check_labels(labels, num_classes, path)
+        except DataError as error:
+            return str(error)
+    meta = folder / dataset_cls.meta["filename"]
+    try:
+        with open(meta, "rb") as handle:
+            pickle.load(handle, encoding="latin1")[dataset_cls.meta["key"]]
+    except _PICKLE_ERRORS as error:
+        return f"{meta}: not a readable CIFAR meta file ({_reason(error)})"
+    return None
+
+
 def torchvision_files_present(dataset_cls, data_dir) -> bool:
     """Whether ``data_dir`` holds a torchvision CIFAR set's files with their official md5s."""
     probe = dataset_cls.__new__(dataset_cls)
@@ -50,21 +116,35 @@ def torchvision_files_present(dataset_cls, data_dir) -> bool:
     return probe._check_integrity()
 
 
-def _load_torchvision_cifar(dataset_cls, folder: str, expected: str):
+def _load_torchvision_cifar(dataset_cls, folder: str, expected: str, num_classes: int):
     def load(data_dir: Path, train: bool, download: bool):
         if not torchvision_files_present(dataset_cls, data_dir):
+            damaged = _cifar_md5_failure(dataset_cls, data_dir)
+            what = (f"{damaged} is corrupted or incomplete (md5 check failed)" if damaged
+                    else f"{data_dir / folder} not found")
             if not download:
-                raise DataError(f"{data_dir / folder} not found: expected {expected} (or allow downloading)")
+                hint = "; delete it to download it again" if damaged else " (or allow downloading)"
+                raise DataError(f"{what}: expected {expected}{hint}")
             try:
                 dataset_cls(str(data_dir), train=train, download=True)
             except Exception as error:  # network errors come in many types
-                raise DataError(f"{data_dir / folder} not found: expected {expected}; {_download_hint(error)}") from error
+                raise DataError(f"{what}: expected {expected}; {_download_hint(error)}") from error
         try:
             ds = dataset_cls(str(data_dir), train=train, download=False)
         except RuntimeError as error:  # e.g. the meta file fails torchvision's md5 check
             raise DataError(f"{data_dir / folder}: {error}; expected {expected}") from error
+        except _PICKLE_ERRORS as error:  # files that pass the md5 check but do not unpickle (or a check skipped)
+            problem = _cifar_batch_problem(dataset_cls, data_dir, train, num_classes)
+            raise DataError(problem or f"{data_dir / folder}: cannot read the {'train' if train else 'test'} "
+                                       f"batches ({_reason(error)}); expected {expected}") from error
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-        return images, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes)
+        labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+        out_of_range = labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes)
+        if len(labels) != len(images) or out_of_range:
+            problem = _cifar_batch_problem(dataset_cls, data_dir, train, num_classes)
+            if problem:  # otherwise load_split's checks name the folder
+                raise DataError(problem)
+        return images, labels, list(ds.classes)
 
     return load
 
@@ -72,13 +152,13 @@ def _load_torchvision_cifar(dataset_cls, folder: str, expected: str):
 def _load_cifar10(data_dir, train, download):
     from torchvision.datasets import CIFAR10
 
-    return _load_torchvision_cifar(CIFAR10, "cifar-10-batches-py", "the extracted CIFAR-10 python batches")(data_dir, train, download)
+    return _load_torchvision_cifar(CIFAR10, "cifar-10-batches-py", "the extracted CIFAR-10 python batches", 10)(data_dir, train, download)
 
 
 def _load_cifar100(data_dir, train, download):
     from torchvision.datasets import CIFAR100
 
-    return _load_torchvision_cifar(CIFAR100, "cifar-100-python", "the extracted CIFAR-100 python files")(data_dir, train, download)
+    return _load_torchvision_cifar(CIFAR100, "cifar-100-python", "the extracted CIFAR-100 python files", 100)(data_dir, train, download)
 
 
 def _load_svhn(data_dir: Path, train: bool, download: bool):
@@ -94,19 +174,75 @@ def _load_svhn(data_dir: Path, train: bool, download: bool):
         except Exception as error:
             raise DataError(f"{path} not found: expected SVHN's {split}_32x32.mat; {_download_hint(error)}") from error
     try:
+        from scipy.io.matlab import MatReadError
+    except ImportError:  # then SVHN itself raises ImportError (after its md5 check)
+        MatReadError = ValueError
+    try:
         ds = SVHN(str(data_dir), split=split, download=False)
+    except ImportError as error:
+        raise DataError(f"{path}: reading SVHN's .mat files needs scipy ({_reason(error)}); "
+                        "pip install scipy") from error
+    except NotImplementedError as error:  # e.g. a MATLAB v7.3 (HDF5) file; a RuntimeError, so caught first
+        raise DataError(f"{path}: not a readable .mat file ({_reason(error)}); "
+                        f"expected SVHN's {split}_32x32.mat") from error
     except RuntimeError as error:  # torchvision's md5 check failed
         raise DataError(f"{path} is corrupted or incomplete (md5 check failed): expected SVHN's official "
                         f"{split}_32x32.mat; delete it to download it again") from error
-    return torch.from_numpy(ds.data).contiguous(), torch.as_tensor(ds.labels, dtype=torch.int64), [str(i) for i in range(10)]
+    except KeyError as error:
+        raise DataError(f"{path}: no variable {error} in the .mat file; expected SVHN's X (32x32x3xN images) "
+                        "and y (N labels)") from error
+    except (MatReadError, ValueError, TypeError, IndexError, OSError, EOFError, zlib.error, OverflowError) as error:
+        raise DataError(f"{path}: not a readable SVHN .mat file ({_reason(error)})") from error
+    if ds.data.dtype != np.uint8 or ds.data.shape[1:] != (3, 32, 32):
+        n, c, h, w = ds.data.shape  # torchvision's transpose of X (H, W, C, N)
+        raise DataError(f"{path}: X is a {ds.data.dtype} array of {h}x{w}x{c}x{n}, expected uint8 32x32x3xN images")
+    labels = torch.as_tensor(ds.labels, dtype=torch.int64).reshape(-1)
+    if len(labels) != len(ds.data):
+        raise DataError(f"{path} holds {len(ds.data)} images (X) but {len(labels)} labels (y)")
+    _check_labels(labels, 10, path)
+    return torch.from_numpy(ds.data).contiguous(), labels, [str(i) for i in range(10)]
 
 
-def _read_idx_gz(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+_IDX_TYPES = {0x08: "unsigned bytes", 0x09: "signed bytes", 0x0B: "shorts", 0x0C: "ints", 0x0D: "floats",
+              0x0E: "doubles"}
+
+
+def _read_idx_gz(path: Path, ndim: int | None = None) -> np.ndarray:
+    """A gzip-compressed idx file of unsigned bytes (MNIST's format); any defect is a one-line DataError.
+
+    The header is magic ``00 00 08 <ndim>`` then ``ndim`` big-endian 32-bit sizes; the data that follows
+    must hold exactly their product of bytes.
+    """
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (EOFError, zlib.error) as error:  # a partial download or copy, or damaged compressed data
+        raise DataError(f"{path}: truncated or corrupt gzip file ({_reason(error)})") from error
+    except gzip.BadGzipFile as error:  # before OSError: it is one
+        raise DataError(f"{path}: not a valid gzip file ({_reason(error)})") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot read it ({_reason(error)})") from error
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
+        magic = raw[:4].hex(" ") if raw else "none: it decompresses to nothing"
+        raise DataError(f"{path}: not an idx file (magic {magic}; expected 00 00 08 then the number of dimensions)")
+    if raw[2] != 0x08:
+        raise DataError(f"{path}: idx file of {_IDX_TYPES[raw[2]]} (magic {raw[:4].hex(' ')}), expected unsigned bytes "
+                        "(00 00 08 ..)")
+    dims = raw[3]
+    if ndim is not None and dims != ndim:
+        expected = "N images x rows x columns" if ndim == 3 else "N labels" if ndim == 1 else f"{ndim} dimensions"
+        raise DataError(f"{path}: idx file has {dims} dimensions, expected {ndim} ({expected})")
+    offset = 4 + 4 * dims
+    if len(raw) < offset:
+        raise DataError(f"{path}: truncated idx header ({len(raw)} bytes; {dims} dimensions need {offset})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    size = math.prod(shape)
+    if len(raw) - offset != size:
+        raise DataError(f"{path}: idx header says {'x'.join(map(str, shape))} but the file holds {len(raw) - offset} "
+                        f"bytes of data, not {size}")
+    if size == 0:
+        raise DataError(f"{path}: idx file holds no data (header says {'x'.join(map(str, shape))})")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
 
 def _mnist_like(folder: str, torchvision_name: str, classes: list[str]):
@@ -127,8 +263,12 @@ def _mnist_like(folder: str, torchvision_name: str, classes: list[str]):
             except Exception as error:
                 raise DataError(f"{data_dir} has no {names[0]}: expected the {torchvision_name} idx .gz files; {_download_hint(error)}") from error
             found = data_dir / torchvision_name / "raw"
-        images = torch.from_numpy(_read_idx_gz(found / names[0]).copy()).unsqueeze(1)
-        labels = torch.from_numpy(_read_idx_gz(found / names[1]).astype(np.int64))
+        images_path, labels_path = found / names[0], found / names[1]
+        images = torch.from_numpy(_read_idx_gz(images_path, ndim=3).copy()).unsqueeze(1)
+        labels = torch.from_numpy(_read_idx_gz(labels_path, ndim=1).astype(np.int64))
+        if len(images) != len(labels):  # before any subset: --train-size must not hide mismatched files
+            raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
+        _check_labels(labels, len(classes), labels_path)
         return images, labels, classes
 
     return load
@@ -143,7 +283,7 @@ def _load_imagefolder(data_dir: Path, train: bool, download: bool, limit: int | 
     The canonical order interleaves the classes (1st image of each class, then 2nd, ...), so the
     first N images of a split are class-balanced; ``--train-size``/``--test-size`` take those.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     split_dir = data_dir / ("train" if train else "test")
     if not split_dir.is_dir():
@@ -163,11 +303,23 @@ def _load_imagefolder(data_dir: Path, train: bool, download: bool, limit: int | 
         raise DataError(f"{split_dir} has no images")
     arrays = []
     for path, _ in order:
-        with Image.open(path) as image:
-            arrays.append(np.asarray(image.convert("RGB")))
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB")))
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+            # OSError includes PIL's UnidentifiedImageError and "image file is truncated"
+            if isinstance(error, UnidentifiedImageError):  # its message only repeats the path
+                reason = "empty file" if path.stat().st_size == 0 else "not an image format that PIL recognizes"
+            else:
+                reason = _reason(error)
+            raise DataError(f"{path}: cannot decode image ({reason})") from error
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise DataError(f"{split_dir}: images have different sizes {sorted(shapes)[:3]}; resize them to one size first")
+        first = arrays[0].shape
+        other = next(i for i, a in enumerate(arrays) if a.shape != first)
+        size = lambda shape: f"{shape[1]}x{shape[0]}"  # noqa: E731  (width x height)
+        raise DataError(f"{order[other][0]}: image is {size(arrays[other].shape)} but {order[0][0]} is {size(first)}; "
+                        f"the images in {split_dir} must have one size: resize them first")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([label for _, label in order], dtype=torch.int64)
     return images, labels, classes
@@ -282,10 +434,20 @@ def load_split(name: str, data_dir: str | Path, *, train: bool, size: int | None
         images, labels, classes = _load_imagefolder(data_dir, train, download, size)
     else:
         images, labels, classes = info.loader(data_dir, train, download)
+    num_classes = info.num_classes or len(classes)
+    # The loaders name the file at fault; these catch what any loader lets through, on the whole split
+    # (before the subset: --train-size must not hide a mismatch).
+    source = f"{data_dir} ({name} {'train' if train else 'test'} split)"
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise DataError(f"{source}: images are a {images.dtype} tensor of shape {tuple(images.shape)}, "
+                        "expected uint8 (N, C, H, W)")
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise DataError(f"{source}: {len(images)} images but {labels.numel()} labels")
+    _check_labels(labels, num_classes, source)
     if size is not None and size < len(labels):
         # Copies, not views: a view would keep (and torch.save would write) the whole split.
         images, labels = images[:size].clone(), labels[:size].clone()
-    return IndexedDataset(images, labels, info.num_classes or len(classes), classes)
+    return IndexedDataset(images, labels, num_classes, classes)
 
 
 def load_data(name: str, data_dir: str | Path, *, train_size: int | None = None, test_size: int | None = None,
@@ -294,6 +456,10 @@ def load_data(name: str, data_dir: str | Path, *, train_size: int | None = None,
     """Load a data set's train and test splits, take subsets and apply the randomization tests."""
     train = load_split(name, data_dir, train=True, size=train_size, download=download)
     test = load_split(name, data_dir, train=False, size=test_size, download=download)
+    if train.shape != test.shape:
+        size = lambda shape: "x".join(map(str, shape))  # noqa: E731
+        raise DataError(f"{Path(data_dir).expanduser()}: {name} train images are {size(train.shape)} but test images "
+                        f"are {size(test.shape)}")
     clean_labels = train.labels.clone()
     if label_noise:
         train.labels = corrupt_labels(train.labels, train.num_classes, label_noise, seed)

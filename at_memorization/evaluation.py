@@ -29,6 +29,11 @@ ALL_ATTACKS = ("clean", "pgd20", "cw", "autoattack")
 ROBUSTBENCH_DATASETS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
+def default_batch_size(device) -> int:
+    """Evaluation batch size: large on a GPU (attacks on 1,024 images keep it busy), moderate on a CPU."""
+    return 1024 if torch.device(device).type == "cuda" else 256
+
+
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
     for start in range(0, images.shape[0], batch_size):
         yield images[start:start + batch_size], labels[start:start + batch_size]

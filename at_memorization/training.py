@@ -5,16 +5,27 @@ writes one line to ``metrics.jsonl``, then ``last.pt`` (and ``best.pt`` when the
 accuracy improves; ties broken by clean accuracy). ``resume`` continues from ``last.pt`` exactly:
 model, optimizer, method state, every RNG, and the data order (a pure function of seed and epoch),
 so an interrupted and resumed run ends bit-identical (on CPU) to an uninterrupted one.
+
+What protects a run folder (README, "Training"): a lock file naming the one process that may write
+it (``runlock``); a fingerprint of the training data, checked on resume; ``last.pt`` rotated to
+``last-prev.pt`` before each write, with an automatic fallback to it on resume; a stop requested by
+SIGTERM/SIGINT (``request_stop``) that ends at a step boundary with a mid-epoch checkpoint from
+which the run resumes bit-identically; deliberate changes on resume (``overrides``) recorded in
+``history.jsonl``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +39,31 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .attacks import training_pgd
 from .data import AUGMENTATIONS, DataBundle, epoch_batches, load_data, num_batches, to_float
-from .evaluation import correct_flags
-from .methods import TrainingSetup, get_method
+from .evaluation import correct_flags, default_batch_size
+from .methods import MethodError, TrainingSetup, get_method
 from .models import UnknownModelError, build_model, model_names
 from .randomness import capture_rng, restore_rng
+from .runlock import RunLock, check_free
 
 SCHEDULES = ("step", "cosine")
 
 
 class TrainingError(RuntimeError):
     """A run cannot start or continue; the message says why in one line."""
+
+
+class TrainingInterrupted(Exception):
+    """A requested stop (SIGTERM, SIGINT): the run's state up to ``step`` of ``epoch`` is in last.pt."""
+
+    def __init__(self, reason: str, epoch: int, step: int, steps: int, saved: bool):
+        self.reason, self.epoch, self.step, self.steps, self.saved = reason, epoch, step, steps, saved
+        where = f"epoch {epoch}, after step {step} of {steps}" if step else f"the start of epoch {epoch}"
+        super().__init__(f"stopped by {reason} at {where}")
+
+
+# A stop request is agreed between torchrun processes every this many steps (an all-reduce, which
+# synchronizes the host with the device, so not at every step).
+STOP_CHECK_EVERY = 25
 
 
 @dataclass
@@ -78,9 +104,22 @@ class RunConfig:
 
     # settings that may differ on resume (they do not change the computation's result on CPU)
     RESUMABLE_CHANGES = ("data_dir", "compile")
+    # settings a resume may change deliberately (--override KEY=VALUE, recorded in history.jsonl):
+    # they change how training goes on, not what the saved state means (a method's own settings too)
+    OVERRIDABLE = ("lr", "momentum", "weight_decay", "schedule", "milestones", "lr_gamma", "epochs", "eps",
+                   "step_size", "steps", "eval_steps", "eval_train_size", "test_size", "bf16", "channels_last")
 
     def validate(self) -> None:
         problems = []
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "eps", "step_size", "label_noise",
+                     "input_noise_fraction", "drop_rate"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                label = {"lr": "learning rate"}.get(name, name.replace("_", " "))
+                problems.append(f"{label} must be a finite number, got {value}")
+        for name, value in self.method_args.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if self.eps < 0:
             problems.append(f"eps must be >= 0, got {self.eps}")
         if self.step_size < 0:
@@ -105,6 +144,8 @@ class RunConfig:
             problems.append(f"batch size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             problems.append(f"learning rate must be > 0, got {self.lr}")
+        if self.lr_gamma <= 0:
+            problems.append(f"lr gamma must be > 0, got {self.lr_gamma}")
         if self.weight_decay < 0:
             problems.append(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
@@ -140,6 +181,33 @@ class Callbacks:
     epoch_begin: Callable[[int, int], None] = lambda epoch, batches: None
     step: Callable[[], None] = lambda: None
     epoch_end: Callable[[dict], None] = lambda record: None
+
+
+def check_writable_folder(path: str | Path, what: str = "--out") -> None:
+    """Fail before any work if ``path`` cannot be (or be made into) a folder we can write in."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TrainingError(f"{what} {path} is a file, not a folder")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise TrainingError(f"{what} {path}: {ancestor} is a file, so no folder can be made under it")
+    try:  # a real write, not os.access: also right for root, read-only mounts and ACLs
+        fd, probe = tempfile.mkstemp(prefix=".at-mem-write-probe.", suffix=".tmp", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise TrainingError(f"{what} {path}: cannot write in {ancestor} ({error.strerror or error})") from None
+
+
+def data_fingerprint(dataset) -> str:
+    """SHA-256 of the training images and labels actually used (subset, noise included)."""
+    digest = hashlib.sha256()
+    digest.update(repr((tuple(dataset.images.shape), tuple(dataset.labels.shape))).encode())
+    digest.update(dataset.images.contiguous().numpy().data)
+    digest.update(dataset.labels.to(torch.int64).contiguous().numpy().data)
+    return digest.hexdigest()
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -201,16 +269,30 @@ class Trainer:
     """Runs one method on one model and data set, writing everything under ``out_dir``."""
 
     def __init__(self, config: RunConfig, out_dir: str | Path, *, device: str | None = None,
-                 resume: bool = False, callbacks: Callbacks | None = None, data: DataBundle | None = None):
+                 resume: bool = False, callbacks: Callbacks | None = None, data: DataBundle | None = None,
+                 overrides: dict | None = None, allow_data_change: bool = False, checkpoint_every_steps: int = 0):
         config.validate()
         self.config = config
         self.out_dir = Path(out_dir)
         self.callbacks = callbacks or Callbacks()
+        self.overrides = dict(overrides or {})
+        self.allow_data_change = allow_data_change
+        if checkpoint_every_steps < 0:
+            raise TrainingError(f"--checkpoint-every-steps must be >= 0, got {checkpoint_every_steps}")
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.stop_reason: str | None = None  # set by request_stop (a signal handler)
+        self._partial: dict | None = None  # a mid-epoch checkpoint's loop state, on resume
+        if self.overrides and not resume:
+            raise TrainingError("--override applies to --resume only; for a new run give the setting as its own option")
         self.ctx = DistributedContext(device)
         if config.batch_size % self.ctx.world_size:
             raise TrainingError(f"batch size {config.batch_size} is not divisible by {self.ctx.world_size} processes")
-        last = self.out_dir / "last.pt"
-        if resume and not last.is_file():
+        # Before minutes of data loading: a folder we cannot write, or one another process writes.
+        check_writable_folder(self.out_dir)
+        if self.ctx.is_main:  # under torchrun, rank 0 holds the lock for all ranks
+            check_free(self.out_dir)
+        last, previous = self.out_dir / "last.pt", self.out_dir / "last-prev.pt"
+        if resume and not (last.is_file() or previous.is_file()):
             raise TrainingError(f"--resume: {last} not found (nothing to resume)")
         if not resume and last.is_file():
             raise TrainingError(f"{self.out_dir} already holds a run; use --resume to continue it or another --out")
@@ -230,6 +312,11 @@ class Trainer:
                                       input_noise=config.input_noise,
                                       input_noise_fraction=config.input_noise_fraction, seed=config.seed)
         train = self.data.train
+        for flag, asked, got in (("--train-size", config.train_size, len(train)),
+                                 ("--test-size", config.test_size, len(self.data.test))):
+            if asked is not None and asked > got:
+                self.callbacks.log(f"{flag} {asked}: the data has {got} points; all {got} are used")
+        self.fingerprint = data_fingerprint(train)
         in_chans, height, _ = train.shape
         # The whole (small, uint8) training set lives on the device: batches are cut there, so a
         # step copies nothing from the host (CIFAR-10: 150 MB).
@@ -267,13 +354,32 @@ class Trainer:
         self.tracked = None
         if config.track_samples:
             n = len(train)
+            # "recorded": which epochs hold real records (a lost tracking.pt leaves earlier epochs unrecorded)
             self.tracked = {"adv_correct": torch.zeros(config.epochs, n, dtype=torch.uint8),
-                            "adv_loss": torch.zeros(config.epochs, n, dtype=torch.float16)}
-        if resume:
-            self._resume(last)
-        else:
-            for note in self.method.notes:
-                self.callbacks.log(note)
+                            "adv_loss": torch.zeros(config.epochs, n, dtype=torch.float16),
+                            "recorded": torch.zeros(config.epochs, dtype=torch.uint8)}
+        self.lock = RunLock(self.out_dir)
+        if self.ctx.is_main:  # the folder is created here, after the data loaded without error
+            self.lock.acquire()
+            if self.lock.notice:
+                self.callbacks.log(self.lock.notice)
+        try:
+            if resume:
+                self._resume()
+            else:
+                for note in self.method.notes:
+                    self.callbacks.log(note)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder's lock (``fit`` does so when it returns or fails)."""
+        self.lock.release()
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop at the next step boundary, saving a checkpoint (safe in a signal handler)."""
+        self.stop_reason = reason
 
     # ------------------------------------------------------------------ checkpoints
     def _rng_states(self) -> list[dict]:
@@ -296,33 +402,154 @@ class Trainer:
             "method": {"name": self.config.method, "config": self.method.config(),
                        "state": self.method.state_dict()},
             "epoch": epoch, "config": self.config.to_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
-            "best": dict(self.best), "history": list(self.history),
+            "best": dict(self.best), "history": list(self.history), "data_fingerprint": self.fingerprint,
         }
 
-    def _resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, map_location="cpu")
+    def _readable_checkpoint(self) -> tuple[Path, dict]:
+        """last.pt, else (with a warning) last-prev.pt; best.pt is named as the last resort."""
+        errors = []
+        for path in (self.out_dir / "last.pt", self.out_dir / "last-prev.pt"):
+            if not path.is_file():
+                continue
+            try:
+                state = ckpt.load_checkpoint(path, map_location="cpu")
+            except ckpt.CheckpointError as error:
+                errors.append(str(error))
+                continue
+            if errors:
+                self.callbacks.log(f"warning: {errors[0]}; resuming from the previous checkpoint {path} instead")
+                self._history_event("fallback", path=str(path), reason=errors[0])
+            return path, state
+        best = self.out_dir / "best.pt"
+        resort = (f"; {best} may still be readable: copy it to {self.out_dir / 'last.pt'} to resume from its epoch"
+                  if best.is_file() else "")
+        raise TrainingError(f"--resume: no readable checkpoint in {self.out_dir} ({'; '.join(errors)}){resort}")
+
+    def _check_resume_config(self, state: dict) -> None:
         saved, current = state.get("config", {}), self.config.to_dict()
-        changed = [k for k in current if k not in RunConfig.RESUMABLE_CHANGES and saved.get(k) != current[k]]
-        if changed:
-            key = changed[0]
-            raise TrainingError(f"--resume: configuration differs from the saved run in {key!r} "
-                                f"(saved {saved.get(key)!r}, given {current[key]!r})")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"]["state"])
+        hyperparameters = {h.name for h in type(self.method).hyperparameters}
+        for key in self.overrides:
+            if key not in RunConfig.OVERRIDABLE and key not in hyperparameters:
+                allowed = ", ".join((*RunConfig.OVERRIDABLE, *sorted(hyperparameters)))
+                raise TrainingError(f"--override {key}: cannot change on resume (it changes what the saved state "
+                                    f"means); these can: {allowed}")
+        saved_args = dict(saved.get("method_args", {}))
+        changes = {}
+        for key in self.overrides:
+            old = saved_args.get(key) if key in hyperparameters else saved.get(key)
+            new = self.config.method_args.get(key) if key in hyperparameters else current[key]
+            if old != new:
+                changes[key] = [old, new]
+        for key in self.overrides:
+            if key in hyperparameters:
+                saved_args.pop(key, None)
+        given_args = {k: v for k, v in self.config.method_args.items() if k not in self.overrides}
+        differing = [k for k in current if k not in RunConfig.RESUMABLE_CHANGES and k not in self.overrides
+                     and k != "method_args" and saved.get(k) != current[k]]
+        if differing or saved_args != given_args:
+            key = differing[0] if differing else "method_args"
+            given = current[key] if differing else given_args
+            was = saved.get(key) if differing else saved_args
+            raise TrainingError(f"--resume: configuration differs from the saved run in {key!r} (saved {was!r}, "
+                                f"given {given!r}); to change it deliberately add --override {key}=VALUE")
+        if changes:
+            self.callbacks.log("resuming with changed settings: " + ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+            self._history_event("override", epoch=state["epoch"] + 1, changes=changes)
+
+    def _check_resume_data(self, state: dict) -> None:
+        saved = state.get("data_fingerprint")
+        if saved is None:
+            self.callbacks.log("note: this run predates data fingerprints; the training data are not checked")
+        elif saved != self.fingerprint:
+            if not self.allow_data_change:
+                raise TrainingError(
+                    f"--resume: the training data differ from the run's (fingerprint {saved[:12]}, now "
+                    f"{self.fingerprint[:12]}: other files in --data-dir, or another subset or noise); use the "
+                    f"run's data, or add --allow-data-change to continue on these deliberately")
+            self.callbacks.log(f"warning: continuing on different training data (--allow-data-change): "
+                               f"fingerprint {saved[:12]} -> {self.fingerprint[:12]}")
+            self._history_event("data-change", epoch=state["epoch"] + 1, fingerprint=[saved, self.fingerprint])
+
+    def _resume(self) -> None:
+        path, state = self._readable_checkpoint()
+        self._check_resume_config(state)
+        self._check_resume_data(state)
+        ckpt.check_finite_weights(state, path)
+        ckpt.load_weights_into(self.model, state["model"], path, model_name=self.config.model)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.method.load_state_dict(state["method"]["state"])
+        except (MethodError, ckpt.CheckpointError):  # already one line, naming the problem
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise ckpt.CheckpointError(f"{path}: the optimizer or method state does not fit this run "
+                                       f"({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''})") from error
         self.history = list(state["history"])
         self.best = dict(state["best"])
         self.start_epoch = state["epoch"] + 1
-        if self.tracked is not None and (self.out_dir / "tracking.pt").is_file():
-            tracked = torch.load(self.out_dir / "tracking.pt", weights_only=True)
-            self.tracked = {k: tracked[k] for k in self.tracked}
+        self._partial = state.get("partial")
+        if self._partial is not None:
+            self.start_epoch = self._partial["epoch"]
+        self._resume_tracking()
         per_rank = state.get("rng_per_rank") or []
         restore_rng(per_rank[self.ctx.rank] if len(per_rank) == self.ctx.world_size else state["rng"])
         if self.ctx.is_main:  # metrics.jsonl may hold an epoch written after the last checkpoint
             self._rewrite_metrics()
-            for stale in self.out_dir.glob(".*.tmp"):  # temporary files of a write that was killed
-                stale.unlink(missing_ok=True)
-        self.callbacks.log(f"resumed from {path} at epoch {self.start_epoch}")
+            self._remove_stale_temporaries()
+        where = f"epoch {self.start_epoch}" + (f", step {self._partial['step']}" if self._partial else "")
+        self.callbacks.log(f"resumed from {path} at {where}")
+        self._history_event("resumed", path=str(path), epoch=self.start_epoch,
+                            step=self._partial["step"] if self._partial else 0)
+
+    def _resume_tracking(self) -> None:
+        if self.tracked is None:
+            return
+        done = self.start_epoch - 1
+        path = self.out_dir / "tracking.pt"
+        if path.is_file():
+            try:
+                tracked = ckpt.load_tracking(path, self.config.epochs, self.tracked["adv_correct"].shape[1])
+            except ckpt.CheckpointError as error:
+                raise TrainingError(f"--resume: {error}; delete it to resume without the per-sample records of "
+                                    f"epochs 1-{done}") from None
+            self.tracked.update({k: tracked[k] for k in ("adv_correct", "adv_loss")})
+            recorded = tracked.get("recorded")
+            if not isinstance(recorded, torch.Tensor) or tuple(recorded.shape) != (self.config.epochs,):
+                # a file from before the "recorded" flag: every finished epoch was recorded
+                recorded = (torch.arange(self.config.epochs) < done).to(torch.uint8)
+            self.tracked["recorded"] = recorded.to(torch.uint8)
+        elif done > 0:
+            self.callbacks.log(f"warning: {path} is missing: the per-sample records of epochs 1-{done} are lost and "
+                               f"marked as not recorded (at-mem memorization will refuse this run)")
+            self._history_event("tracking-lost", epochs=[1, done])
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of a write that was killed (ours are named .<file>.<random>.tmp)."""
+        for stale in self.out_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def _history_event(self, event: str, **details) -> None:
+        """One line in RUN/history.jsonl: what happened to the run besides training (main process)."""
+        if not self.ctx.is_main or not self.out_dir.is_dir():
+            return
+        line = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "event": event, **details}
+        with open(self.out_dir / "history.jsonl", "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    def _save_last(self, state: dict) -> None:
+        """Keep the previous last.pt as last-prev.pt (a hard link: no copy), then write last.pt atomically."""
+        last, previous = self.out_dir / "last.pt", self.out_dir / "last-prev.pt"
+        if last.is_file() and not (previous.is_file() and os.path.samefile(last, previous)):
+            link = self.out_dir / f".last-prev.pt.{os.getpid()}.tmp"
+            link.unlink(missing_ok=True)
+            try:
+                os.link(last, link)
+            except OSError:  # file systems without hard links
+                shutil.copyfile(last, link)
+            os.replace(link, previous)
+            link.unlink(missing_ok=True)  # rename() between two links of one file leaves both names
+        ckpt.save_atomic(state, last)
 
     def _rewrite_metrics(self) -> None:
         ckpt.write_text_atomic("".join(json.dumps(r) + "\n" for r in self.history), self.out_dir / "metrics.jsonl")
@@ -341,7 +568,9 @@ class Trainer:
         return x, self.train_labels[index], index
 
     def train_epoch(self, epoch: int) -> dict:
+        """One epoch of training; raises TrainingInterrupted (after saving last.pt) on a requested stop."""
         config, ctx, method = self.config, self.ctx, self.method
+        partial, self._partial = (self._partial if self._partial and self._partial["epoch"] == epoch else None), None
         lr = learning_rate(config, epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -354,6 +583,11 @@ class Trainer:
         # Augmentation draws from its own generator, a pure function of (seed, epoch, rank).
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 7_919 + ctx.rank)
         sums: dict[str, torch.Tensor] = {}
+        first_step, seconds_before = 0, 0.0
+        if partial is not None:  # resuming a mid-epoch checkpoint: the loop state of its last step
+            generator.set_state(partial["augment_rng"])
+            sums = {k: v.to(ctx.device) for k, v in partial["sums"].items()}
+            first_step, seconds_before = partial["step"], partial["train_seconds"]
 
         def add(name, value, weight):
             value = value.detach().float() * weight
@@ -365,10 +599,15 @@ class Trainer:
         start = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.tracked is not None:
-            self._epoch_track = {k: self.tracked[k][epoch - 1].to(ctx.device) for k in self.tracked}
+            self._epoch_track = {k: self.tracked[k][epoch - 1].to(ctx.device) for k in ("adv_correct", "adv_loss")}
+            if partial is not None and partial.get("track") is not None:
+                self._epoch_track = {k: v.to(ctx.device) for k, v in partial["track"].items()}
         # One copy of the epoch's order to the device; batches are views of it.
         device_batches = torch.cat(batches).to(ctx.device).split(per_rank) if batches else []
-        for index in device_batches:
+        total = len(device_batches)
+        for step, index in enumerate(device_batches):
+            if step < first_step:
+                continue
             x, y, index = self._prepare(index, generator)
             with self._autocast():
                 x_adv = method.attack(self.attack_model, x, y, index, epoch)
@@ -390,9 +629,19 @@ class Trainer:
             if self.tracked is not None:
                 self._track(epoch, x_adv, y, index)
             self.callbacks.step()
+            done = step + 1
+            if done == total:
+                break
+            stop = self._stop_agreed(done)
+            if stop or (self.checkpoint_every_steps and done % self.checkpoint_every_steps == 0):
+                self._save_partial(epoch, done, generator, sums, seconds_before + time.perf_counter() - start)
+            if stop:
+                raise TrainingInterrupted(self.stop_reason or "a stop request of another process", epoch, done,
+                                          total, saved=True)
         if self.tracked is not None:
             for key, values in self._epoch_track.items():
                 self.tracked[key][epoch - 1] = values.cpu()
+            self.tracked["recorded"][epoch - 1] = 1
         if ctx.enabled:
             # BatchNorm running statistics drift apart per rank (each sees its own shard); keep rank
             # 0's, which the checkpoint holds, so evaluation agrees and a resumed run is exact.
@@ -400,7 +649,7 @@ class Trainer:
                 dist.broadcast(buffer, 0)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
-        record["train_seconds"] = time.perf_counter() - start
+        record["train_seconds"] = seconds_before + time.perf_counter() - start
         names = sorted(sums)
         totals = ctx.all_reduce_sum(torch.stack([sums[k] for k in names])).cpu().tolist()
         totals = dict(zip(names, totals))
@@ -410,10 +659,38 @@ class Trainer:
         if not all(math.isfinite(v) for v in (record["train_loss"], record["grad_norm"])):
             kept = (f"the last good checkpoint is {self.out_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1 else
                     f"no checkpoint was written yet ({self.out_dir / 'init.pt'} holds the initial weights)")
+            lower = f"{config.lr / 10:g}"
+            advice = (f"continue from there with a lower learning rate: the same command with --resume --override "
+                      f"lr={lower}" if epoch > 1 else f"start again with a lower --lr, e.g. --lr {lower}")
             raise TrainingError(
                 f"training diverged at epoch {epoch} (loss {record['train_loss']}, grad norm {record['grad_norm']}); "
-                f"{kept}; try a lower --lr")
+                f"{kept}; {advice}")
         return record
+
+    def _stop_agreed(self, done: int) -> bool:
+        """Whether to stop after this step; under torchrun all processes decide together."""
+        if not self.ctx.enabled:
+            return self.stop_reason is not None
+        if done % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor([1.0 if self.stop_reason else 0.0], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _save_partial(self, epoch: int, done: int, generator, sums: dict, seconds: float) -> None:
+        """A mid-epoch checkpoint: the state after ``done`` steps of ``epoch`` (resumed bit-identically)."""
+        rng_states = self._rng_states()
+        if not self.ctx.is_main:
+            return
+        state = self._checkpoint(epoch - 1, rng_states)
+        state["partial"] = {
+            "epoch": epoch, "step": done, "augment_rng": generator.get_state(), "train_seconds": seconds,
+            "sums": {k: v.detach().cpu() for k, v in sums.items()},
+            "track": {k: v.cpu() for k, v in self._epoch_track.items()} if self.tracked is not None else None,
+        }
+        if self.tracked is not None:
+            ckpt.save_atomic(self.tracked, self.out_dir / "tracking.pt")
+        self._save_last(state)
 
     def _track(self, epoch, x_adv, y, index) -> None:
         """Per-sample adversarial correctness and loss (eval mode) on this step's examples."""
@@ -447,7 +724,8 @@ class Trainer:
             images, labels, _ = dataset.batch(self._shard(n))
             counts = []
             for attack_or_none in (None, attack):
-                flags = correct_flags(self.model, images, labels, batch_size=256, device=self.ctx.device,
+                flags = correct_flags(self.model, images, labels, batch_size=default_batch_size(self.ctx.device),
+                                      device=self.ctx.device,
                                       attack=attack_or_none, seed=config.seed)
                 counts.append(flags.sum())
             counts = self.ctx.all_reduce_sum(torch.stack(counts).float().to(self.ctx.device)).cpu().tolist()
@@ -455,11 +733,31 @@ class Trainer:
             record[f"{prefix}_robust_acc"] = counts[1] / n
 
     def fit(self) -> list[dict]:
+        """Train to the last epoch; the lock is released however this ends."""
+        try:
+            return self._fit()
+        except OSError as error:  # a write failed: say why in one line, and how to go on
+            reason = str(error) if isinstance(error, ckpt.WriteError) else (
+                f"cannot write {error.filename or 'a run file'}: {error.strerror or error} [Errno {error.errno}]")
+            last = self.out_dir / "last.pt"
+            kept = (f"nothing is lost: {last} still holds the last complete checkpoint; once fixed, run the same "
+                    f"command with --resume" if last.is_file() else
+                    "no checkpoint was written yet; once fixed, run the same command again")
+            raise TrainingError(f"{reason} (free space, raise the file size limit or fix the folder's "
+                                f"permissions); {kept}") from error
+        finally:
+            self.close()
+
+    def _fit(self) -> list[dict]:
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if self.start_epoch == 1:
+            if self.start_epoch == 1 and self._partial is None:
+                self._remove_stale_temporaries()  # e.g. of a run killed before its first checkpoint
                 self._write_run_files()
         for epoch in range(self.start_epoch, self.config.epochs + 1):
+            if self.stop_reason is not None and self._partial is None and not self.ctx.enabled:
+                # between epochs: the previous epoch's checkpoint is the state to resume from
+                raise TrainingInterrupted(self.stop_reason, epoch, 0, 0, saved=epoch > 1)
             record = self.train_epoch(epoch)
             self.evaluate_epoch(record)
             self.history.append(record)
@@ -475,7 +773,7 @@ class Trainer:
                     ckpt.save_atomic(self.tracked, self.out_dir / "tracking.pt")
                 if improved:
                     ckpt.save_atomic(state, self.out_dir / "best.pt")
-                ckpt.save_atomic(state, self.out_dir / "last.pt")
+                self._save_last(state)
                 with open(self.out_dir / "metrics.jsonl", "a") as handle:
                     handle.write(json.dumps(record) + "\n")
             self.ctx.barrier()
@@ -485,8 +783,8 @@ class Trainer:
     def _write_run_files(self) -> None:
         """Files written once at the start: settings, initial weights, the (possibly noisy) labels."""
         ckpt.write_text_atomic(json.dumps({"config": self.config.to_dict(), "method": self.method.config(),
-                                           "world_size": self.ctx.world_size,
-                                           "device": str(self.ctx.device)}, indent=2) + "\n",
+                                           "world_size": self.ctx.world_size, "device": str(self.ctx.device),
+                                           "data_fingerprint": self.fingerprint}, indent=2) + "\n",
                                self.out_dir / "config.json")
         ckpt.save_atomic(ckpt.cpu_state_dict(self.model), self.out_dir / "init.pt")
         ckpt.save_atomic({"labels": self.data.train.labels, "clean_labels": self.data.clean_train_labels},

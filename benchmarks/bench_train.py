@@ -251,8 +251,12 @@ def time_method(method, model_name, bundle, args, out_root, with_reference=True)
         if values:  # the fastest pass: on a shared machine, load only ever slows a pass down
             result[f"{side}_images_per_s"] = n / min(values)
             result[f"{side}_images_per_s_median"] = n / statistics.median(values)
+            # spread of the passes: (slowest - fastest) / median, 0 for a single pass
+            result[f"{side}_spread"] = (max(values) - min(values)) / statistics.median(values)
     if ref:
         result["speedup_vs_reference"] = result["package_images_per_s"] / result["reference_images_per_s"]
+        result["speedup_vs_reference_median"] = (result["package_images_per_s_median"]
+                                                 / result["reference_images_per_s_median"])
     if peak:
         result["peak_memory_bytes"] = peak
     del trainer, ref
@@ -334,8 +338,10 @@ def main(argv=None) -> dict:
     for method in args.methods:
         results[method] = time_method(method, args.model, bundle, args, out_root)
         r = results[method]
-        print(f"{method:10s} package {r['package_images_per_s']:9.1f} img/s   reference "
-              f"{r['reference_images_per_s']:9.1f} img/s   x{r['speedup_vs_reference']:.2f}", flush=True)
+        print(f"{method:10s} package {r['package_images_per_s']:9.1f} img/s (median {r['package_images_per_s_median']:.1f}, "
+              f"spread {r['package_spread']:.0%})   reference {r['reference_images_per_s']:9.1f} img/s (median "
+              f"{r['reference_images_per_s_median']:.1f}, spread {r['reference_spread']:.0%})   "
+              f"x{r['speedup_vs_reference']:.2f} (median x{r['speedup_vs_reference_median']:.2f})", flush=True)
 
     def overhead(te, base, side):
         if te in results and base in results:

@@ -241,3 +241,10 @@ def test_cifar_jpeg_trades_then_all_attacks_and_model_card(cifar_jpg_dir, tmp_pa
     for key, fraction in (("clean_acc", record["clean_acc"]), ("autoattack_acc", record["autoattack_acc"])):
         assert isinstance(model_card[key], str)
         assert float(model_card[key]) == pytest.approx(100 * fraction, abs=0.01)
+
+
+def test_evaluation_batch_size_defaults_to_large_batches_on_a_gpu():
+    from at_memorization.evaluation import default_batch_size
+
+    assert default_batch_size("cpu") == 256
+    assert default_batch_size("cuda") == default_batch_size("cuda:1") == 1024

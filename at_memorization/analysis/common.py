@@ -99,7 +99,7 @@ class LoadedCheckpoint:
 def load_for_analysis(path: str | Path, device="cpu") -> LoadedCheckpoint:
     path = resolve_checkpoint(path)
     state = load_checkpoint(path)
-    model = build_model_from_checkpoint(state).to(device).eval()
+    model = build_model_from_checkpoint(state, path=path).to(device).eval()
     return LoadedCheckpoint(path, state, model, dict(state.get("config", {})))
 
 

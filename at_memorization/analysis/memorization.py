@@ -80,6 +80,12 @@ def memorization_report(run_dir: str | Path, *, late_after: int | None = None, m
     if tracked["adv_correct"].shape[0] < epochs:
         raise AnalysisError(f"{run_dir / 'tracking.pt'} has {tracked['adv_correct'].shape[0]} epochs but "
                             f"metrics.jsonl has {epochs}")
+    recorded = tracked.get("recorded")
+    if recorded is not None and not bool(recorded[:epochs].all()):
+        missing = [e + 1 for e in range(epochs) if not recorded[e]]
+        raise AnalysisError(f"{run_dir / 'tracking.pt'} has no per-sample records for epoch(s) "
+                            f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''} (tracking.pt was "
+                            f"lost before the run resumed); zeros there would read as 'never fitted'")
     correct = tracked["adv_correct"][:epochs]
     losses = tracked["adv_loss"][:epochs].float() if "adv_loss" in tracked else None
     n = correct.shape[1]

@@ -30,6 +30,8 @@ class TRADES(Method):
         if setup.norm != "Linf":
             raise MethodError(f"{self.name} supports the Linf threat model only")
         self.beta = self.hparams["beta"]
+        if not self.beta >= 0:  # also NaN
+            raise MethodError(f"{self.name}: --beta must be a number >= 0, got {self.beta}")
 
     def make_attack(self, model) -> PenalizedTPGD:
         """One attack object per model, built on first use (not once per step)."""

@@ -17,11 +17,49 @@ rank applies the same update and holds the same ensemble.
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from at_memorization.methods.base import MethodError
+
+
+class TEStateError(MethodError):
+    """A saved TE state does not fit this ``TELoss`` (a ``ValueError``; the CLI prints it as one line)."""
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer (not a bool, not a float) >= ``minimum``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got a bool ({value})")
+    try:
+        value = operator.index(value)  # ints, numpy ints, 0-d integer tensors; not 10.5 nor "10"
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_index(index, batch_size: int, num_samples: int, check_range: bool = True) -> None:
+    """Raise a one-line error unless ``index`` is a 1-D integer tensor of ``batch_size`` values in [0, num_samples).
+
+    ``check_range`` reads the index back to the host (a synchronization on CUDA).
+    """
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a 1-D integer tensor (the batch's sample positions), got {type(index).__name__}")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor, got {index.dtype}")
+    if index.dim() != 1 or index.shape[0] != batch_size:
+        raise ValueError(f"index must have shape ({batch_size},) to match the batch, got {tuple(index.shape)}")
+    if check_range and index.numel():
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= num_samples:
+            raise IndexError(f"sample index out of range [0, {num_samples}): min {low}, max {high}")
 
 
 def ramp(epoch: int, start_epoch: int, end_epoch: int) -> float:
@@ -47,8 +85,8 @@ class TELoss(nn.Module):
     def __init__(self, num_samples: int, num_classes: int, momentum: float = 0.9, reg_weight: float = 300.0,
                  start_epoch: int = 90, end_epoch: int = 150, sync_distributed: bool = True):
         super().__init__()
-        if num_samples < 1 or num_classes < 2:
-            raise ValueError(f"need num_samples >= 1 and num_classes >= 2, got {num_samples}, {num_classes}")
+        num_samples = _positive_int("num_samples", num_samples)
+        num_classes = _positive_int("num_classes", num_classes, minimum=2)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if reg_weight < 0:
@@ -82,9 +120,34 @@ class TELoss(nn.Module):
                 "reg_weight": self.reg_weight, "start_epoch": self.start_epoch, "end_epoch": self.end_epoch}
 
     def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, Mapping) or not {"num_samples", "num_classes"} <= state.keys():
+            raise TEStateError("TE state is malformed: its settings lack num_samples and num_classes")
         if (state["num_samples"], state["num_classes"]) != (self.num_samples, self.num_classes):
-            raise ValueError(f"TE state is for {state['num_samples']} samples x {state['num_classes']} classes, "
-                             f"this TELoss has {self.num_samples} x {self.num_classes}")
+            raise TEStateError(f"TE state is for {state['num_samples']} samples x {state['num_classes']} classes, "
+                               f"this TELoss has {self.num_samples} x {self.num_classes}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checked here rather than in load_state_dict so that a TELoss inside another module gets
+        # the same one-line errors (torch's own are multi-line RuntimeErrors).
+        key = prefix + "ensemble"
+        if key not in state_dict:
+            if strict:
+                raise TEStateError(f"TE state has no {key!r} (the per-sample ensemble)")
+        else:
+            ensemble = state_dict[key]
+            expected = (self.num_samples, self.num_classes)
+            if not isinstance(ensemble, torch.Tensor):
+                raise TEStateError(f"TE state: {key} is a {type(ensemble).__name__}, not a tensor")
+            if tuple(ensemble.shape) != expected:
+                raise TEStateError(f"TE state: the ensemble has shape {list(ensemble.shape)}, this TELoss expects "
+                                   f"{list(expected)} ({self.num_samples} samples x {self.num_classes} classes)")
+            if not ensemble.is_floating_point():
+                raise TEStateError(f"TE state: the ensemble is {ensemble.dtype}, not floating point")
+            if not bool(torch.isfinite(ensemble).all()):
+                raise TEStateError("TE state: the ensemble contains NaN or inf")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------ schedule
     def active(self, epoch: int) -> bool:
@@ -95,18 +158,13 @@ class TELoss(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _check(self, logits: torch.Tensor, index: torch.Tensor) -> None:
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"logits must be a tensor of shape (batch, {self.num_classes}), got {type(logits).__name__}")
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must have shape (batch, {self.num_classes}), got {tuple(logits.shape)}")
-        if index.dim() != 1 or index.shape[0] != logits.shape[0]:
-            raise ValueError(f"index must have shape ({logits.shape[0]},) to match the logits, got {tuple(index.shape)}")
-        if index.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
-            raise TypeError(f"index must be an integer tensor, got {index.dtype}")
-        if self.validate and index.numel():
-            low, high = int(index.min()), int(index.max())
-            if low < 0 or high >= self.num_samples:
-                raise IndexError(f"sample index out of range [0, {self.num_samples}): min {low}, max {high}")
-            if not bool(torch.isfinite(logits).all()):
-                raise ValueError("logits contain NaN or inf")
+        check_index(index, logits.shape[0], self.num_samples, check_range=self.validate)
+        if self.validate and logits.numel() and not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits contain NaN or inf")
 
     # ------------------------------------------------------------------ the two operations
     @torch.no_grad()

@@ -42,6 +42,15 @@ class TemporalEnsemblingMixin:
             start = default_start if start is None else start
             end = default_end if end is None else end
             h["te_start"], h["te_end"] = start, end
+        if start > setup.epochs:
+            raise MethodError(f"{self.name}: TE starts at epoch {start} (--te-start) but the run has {setup.epochs} "
+                              f"epochs, so TE would never switch on; use --te-start <= {setup.epochs}")
+        if h["te_weight"] < 0 or not 0.0 <= h["te_momentum"] < 1.0:
+            raise MethodError(f"{self.name}: --te-weight must be >= 0 and --te-momentum in [0, 1), got "
+                              f"{h['te_weight']} and {h['te_momentum']}")
+        if end > setup.epochs:
+            self.notes.append(f"warning: TE's weight peaks at epoch {end} (--te-end) but the run has {setup.epochs} "
+                              f"epochs: it never reaches --te-weight {h['te_weight']:g}")
         try:
             self.te = TELoss(setup.num_samples, setup.num_classes, momentum=h["te_momentum"],
                              reg_weight=h["te_weight"], start_epoch=start, end_epoch=end)
