@@ -7,41 +7,19 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from at_memorization import checkpoint as ckpt
 from at_memorization.checkpoint import CheckpointError, load_checkpoint
-from at_memorization.cli import main
 
 EPOCHS, TRAIN_SIZE = 1, 64
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def assert_one_line_error(result, *words):
-    """Non-zero exit, one `Error: ...` line holding every word, and no traceback."""
-    output = result.output
-    assert result.exit_code != 0, output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-    return errors[0]
+from cli_testing import assert_one_line_error, invoke, one_line
 
 
 def refusal(call, *words) -> str:
     """The one-line CheckpointError message of ``call()``, holding every word."""
-    with pytest.raises(CheckpointError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for word in words:
-        assert word in message, (word, message)
-    return message
+    return one_line(call, CheckpointError, *words)
 
 
 @pytest.fixture(scope="module")

@@ -11,27 +11,11 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from at_memorization import checkpoint as ckpt
-from at_memorization.cli import main
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def assert_one_line_error(result, *words):
-    """Non-zero exit, an `Error: ...` line naming the problem, and no traceback."""
-    output = result.output
-    assert result.exit_code != 0, output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-    return errors[0]
+from cli_testing import assert_one_line_error, invoke
 
 
 def tiny_train(data_dir, out, *extra, dataset="mnist"):

@@ -11,6 +11,7 @@ import pickle
 
 import numpy as np
 import pytest
+from cli_testing import one_line
 import torch
 from click.testing import CliRunner
 
@@ -47,13 +48,7 @@ def real_labels(mnist_dir, name) -> np.ndarray:
 
 def data_error(call, *words) -> str:
     """``call()`` raises a DataError whose message is one line and holds every word."""
-    with pytest.raises(DataError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for word in words:
-        assert str(word) in message, (word, message)
-    return message
+    return one_line(call, DataError, *words)
 
 
 # --------------------------------------------------------------------------- idx .gz files

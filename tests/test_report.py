@@ -14,18 +14,13 @@ import shutil
 import statistics
 
 import pytest
-from click.testing import CliRunner
 
-from at_memorization.cli import main
+from cli_testing import assert_one_line_error as shared_one_line_error, invoke
 
 METHODS = ("pgd-at", "pgd-at-te")
 SEEDS = (0, 1)
 EVAL_KEYS = ("checkpoint", "epoch", "dataset", "model", "method", "n_examples", "eps", "norm", "seed", "device",
              "clean_acc", "pgd20_acc")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 def ok(*args):
@@ -35,15 +30,7 @@ def ok(*args):
 
 
 def assert_one_line_error(result, *words):
-    output = result.output
-    assert result.exit_code == 1, output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, output
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-    return errors[0]
+    return shared_one_line_error(result, *words, exit_code=1)
 
 
 def read_json(path):

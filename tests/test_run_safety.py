@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_testing import invoke
 
 from at_memorization import checkpoint as ckpt
-from at_memorization.cli import main
-from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingError, TrainingInterrupted
+from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingInterrupted
 
 
 def _args(mnist_dir, out, *extra, epochs=2, train_size=128):
@@ -45,8 +44,7 @@ def _cli(*args, timeout=300):
                           env=_env(), timeout=timeout, cwd=Path(__file__).parent)
 
 
-def _invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+_invoke = invoke
 
 
 def _one_line_error(result, *words):
