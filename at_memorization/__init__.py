@@ -6,6 +6,35 @@ temporal-ensembling drop-in loss) comes from the bundled plugin and is imported 
 
 __version__ = "0.1.0"
 
+
+def _launched_as_cli() -> bool:
+    """Whether this process is the ``at-mem`` CLI: its console script, or ``python -m at_memorization``.
+
+    Python imports this package before the CLI's own modules (``at_memorization.cli``,
+    ``__main__``), and importing timm here makes torch raise a deprecation warning, so the CLI's
+    warning filters (``_quiet``) must be installed from here. Library imports are left alone.
+    """
+    import os
+    import re
+    import sys
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    # pip's console scripts strip these suffixes from argv[0] only after importing the entry point.
+    if re.sub(r"(-script\.pyw?|\.exe)$", "", os.path.basename(argv0)) == "at-mem":
+        return True
+    if argv0 != "-m":  # while runpy imports the package of `python -m X`, argv[0] is "-m"
+        return False
+    orig = list(getattr(sys, "orig_argv", ()))
+    for arg, value in zip(orig[1:], orig[2:] + [""]):
+        option = re.fullmatch(r"-[bBdEiIOPqsSuv]*m(.*)", arg)  # -m X, -mX, -um X, ...
+        if option:
+            return (option.group(1) or value) == "at_memorization"
+    return False
+
+
+if _launched_as_cli():
+    from . import _quiet  # noqa: F401  (before timm and torch are imported below)
+
 from . import models  # noqa: F401  (registers the backbones in timm)
 from .models import build_model
 

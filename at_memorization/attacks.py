@@ -94,11 +94,22 @@ class PenalizedTPGD(torchattacks.TPGD):
     """TRADES' attack: maximize ``(beta/B) * KL_sum(adv || clean) + penalty(adv logits)``.
 
     ``beta`` only rescales the KL term, which matters when a penalty is added (TRADES+TE).
+
+    ``norm="Linf"`` is torchattacks' ``TPGD`` (sign steps of ``alpha``, start clamped to [0, 1]).
+    ``norm="L2"`` is the ``norm == 'l2'`` branch of ``TRADES_TE`` in the paper's code,
+    dongyp13/memorization-AT ``loss.py`` at commit 5edda6cc135ebfe0785a05a4d08ebfce17e38116:
+    start ``x + 0.001 * randn`` (not clamped), steps of ``alpha`` along ``grad / (||grad||_2 + 1e-10)``,
+    projection of the perturbation onto the L2 ball with ``renorm(p=2, dim=0, maxnorm=eps)``, then
+    clamping to [0, 1]. (TRADES' own ``trades.py``, ``distance == 'l_2'``, differs: SGD on delta with
+    ``lr = 2 * eps / steps`` and the clamp before the renorm.)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, beta: float = 1.0):
+    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, beta: float = 1.0, norm="Linf"):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps)
+        if norm not in ("Linf", "L2"):
+            raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
         self.beta = beta
+        self.norm = norm
 
     def forward(self, images, labels=None, penalty: Penalty = None, clean_logits: torch.Tensor | None = None):
         images = images.clone().detach().to(self.device)
@@ -106,7 +117,10 @@ class PenalizedTPGD(torchattacks.TPGD):
             with torch.no_grad():  # a fixed target: no graph to keep alive through the steps
                 clean_logits = self.get_logits(images)
         clean_probs = F.softmax(clean_logits.detach().float(), dim=1)
-        adv_images = torch.clamp(images + 0.001 * torch.randn_like(images), min=0, max=1).detach()
+        adv_images = images + 0.001 * torch.randn_like(images)
+        if self.norm == "Linf":
+            adv_images = torch.clamp(adv_images, min=0, max=1)
+        adv_images = adv_images.detach()
         scale = self.beta / images.shape[0]
         for _ in range(self.steps):
             adv_images.requires_grad = True
@@ -115,10 +129,17 @@ class PenalizedTPGD(torchattacks.TPGD):
             if penalty is not None:
                 cost = scale * cost + penalty(logits)
             grad = torch.autograd.grad(cost, adv_images)[0]
-            adv_images = adv_images.detach() + self.alpha * grad.sign()
-            delta = torch.clamp(adv_images - images, min=-self.eps, max=self.eps)
-            adv_images = torch.clamp(images + delta, min=0, max=1).detach()
-        return adv_images
+            if self.norm == "Linf":
+                adv_images = adv_images.detach() + self.alpha * grad.sign()
+                delta = torch.clamp(adv_images - images, min=-self.eps, max=self.eps)
+                adv_images = torch.clamp(images + delta, min=0, max=1).detach()
+            else:  # the paper's code, operation for operation (see the class docstring)
+                shape = (-1,) + (1,) * (images.dim() - 1)
+                grad_norms = torch.norm(grad.reshape(grad.shape[0], -1), dim=1).view(shape)
+                delta = adv_images.detach() + self.alpha * (grad / (grad_norms + 1e-10)) - images
+                delta = delta.reshape(images.shape[0], -1).renorm(p=2, dim=0, maxnorm=self.eps).view_as(images)
+                adv_images = torch.clamp(images + delta, min=0, max=1).detach()
+        return torch.clamp(adv_images, min=0, max=1) if self.norm == "L2" else adv_images
 
 
 # --------------------------------------------------------------------------- evaluation attacks

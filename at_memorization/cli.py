@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from . import _quiet  # noqa: F401  (first: keeps third-party deprecation warnings out of CLI output)
 from . import __version__
 from ._compat import RobustBenchUnavailable
 from .checkpoint import CheckpointError
@@ -24,6 +25,7 @@ from .methods import MethodError, UnknownMethodError, discover
 from .methods.registry import all_hyperparameters
 from .models import UnknownModelError, model_names
 from .runlock import RunLockError
+from .training import PRESETS, resolved_method_settings
 
 USER_ERRORS = (DataError, CheckpointError, MethodError, UnknownMethodError, UnknownModelError,
                RobustBenchUnavailable, FileNotFoundError, RunLockError)
@@ -70,10 +72,6 @@ class IntListType(click.ParamType):
 
 
 FRACTION = FractionType()
-PRESETS = {
-    # The paper's random-label runs: no weight decay, no data augmentation.
-    "random-labels": {"label_noise": 1.0, "weight_decay": 0.0, "augment": False},
-}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -173,7 +171,7 @@ class _ProgressCallbacks:
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="random-labels: label noise 1, weight decay 0, no augmentation (the paper's setting).")
 @click.option("--train-size", type=int, default=None, help="Use the first N training points.")
 @click.option("--test-size", type=int, default=None, help="Use the first N test points.")
-@click.option("--eval-steps", type=int, default=20, show_default=True, help="PGD steps for the per-epoch test robust accuracy.")
+@click.option("--eval-steps", type=int, default=10, show_default=True, help="PGD steps (of --step-size) for the per-epoch test robust accuracy that selects best.pt; 10 as the official TE code and Rice et al. (at-mem evaluate uses PGD-20).")
 @click.option("--eval-train-size", type=int, default=0, show_default=True, help="Also report clean/PGD accuracy on the first N training points (on their training labels) each epoch.")
 @click.option("--track-samples", is_flag=True, help="Record each training sample's adversarial correctness and loss per epoch (tracking.pt).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available].")
@@ -182,6 +180,11 @@ class _ProgressCallbacks:
 @click.option("--compile", "compile", is_flag=True, help="torch.compile the model for attack and update (slow first steps).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", default=None, help="Run directory [default: runs/<method>-<dataset>-<model>-s<seed>].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Settings from a TOML file (see configs/) or a run's config.json; flags given on the command "
+                   "line win over the file.")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved settings (defaults and derivations filled in) as JSON and exit.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--override", "overrides", multiple=True, metavar="KEY=VALUE",
               help="With --resume: change a setting deliberately, e.g. lr=0.01 (repeatable; recorded in "
@@ -193,8 +196,8 @@ class _ProgressCallbacks:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_method_options
 @_user_errors
-def train_command(method, preset, out_dir, resume, overrides, allow_data_change, checkpoint_every_steps, device,
-                  quiet, **options):
+def train_command(method, preset, out_dir, config_file, print_config, resume, overrides, allow_data_change,
+                  checkpoint_every_steps, device, quiet, **options):
     """Adversarially train a model (PGD-AT, TRADES, TE, ... see `at-mem methods`).
 
     SIGTERM or Ctrl-C stops at the next step with a checkpoint; the same command with --resume
@@ -202,6 +205,15 @@ def train_command(method, preset, out_dir, resume, overrides, allow_data_change,
     """
     from .methods import get_method
     from .training import RunConfig, Trainer, TrainingError, TrainingInterrupted
+
+    extra = {}  # settings with no flag of their own (e.g. lr_gamma), from a file
+    if config_file:
+        values = _settings_from_file(config_file)
+        current = dict(method=method, preset=preset, out_dir=out_dir, device=device, **options)
+        current.update(values)
+        method, preset, out_dir, device = (current.pop(k) for k in ("method", "preset", "out_dir", "device"))
+        extra = {k: current.pop(k) for k in list(current) if k not in options}
+        options.update(current)
 
     method_cls = get_method(method)
     accepted = {h.name for h in method_cls.hyperparameters}
@@ -217,19 +229,12 @@ def train_command(method, preset, out_dir, resume, overrides, allow_data_change,
         if name not in accepted:
             raise TrainingError(f"{hp.flag} does not apply to method {method} (it is for {', '.join(owners)})")
         method_args[name] = value
-    for key, value in PRESETS.get(preset, {}).items():
-        if options.get(key) is None:
-            options[key] = value
-    if options["weight_decay"] is None:
-        options["weight_decay"] = 5e-4
-    if options["augment"] is None:
-        options["augment"] = True
-    if options["label_noise"] is None:
-        options["label_noise"] = 0.0
-    if options["milestones"] is None:
-        # Distinct epochs: a repeated milestone would multiply the lr by 0.1 twice at once.
-        options["milestones"] = sorted({max(1, round(f * options["epochs"])) for f in (0.5, 0.75)})
-    config = RunConfig(method=method, method_args=method_args, **options)
+    # Every default and derivation (presets, milestones, ...) is the library's: RunConfig.resolve().
+    config = RunConfig(method=method, method_args=method_args, preset=preset, **options, **extra).resolve()
+    if print_config:
+        config.validate()
+        click.echo(json.dumps({"config": config.to_dict(), "method": resolved_method_settings(config)}, indent=2))
+        return
     out_dir = Path(out_dir or f"runs/{method}-{config.dataset}-{config.model}-s{config.seed}")
     callbacks = _ProgressCallbacks(quiet)
     with _stop_on_signals() as stop:
@@ -296,6 +301,57 @@ def _stop_on_signals():
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+
+
+def _settings_from_file(path) -> dict:
+    """The settings of a TOML file (or a run's config.json) that the command line did not give.
+
+    Keys are the long options without dashes (``epochs``, ``te-weight`` or ``te_weight``) or a
+    RunConfig setting without a flag (``lr_gamma``); ``[method_args]`` may hold a method's settings.
+    Values are read with the option's own type (``eps = "8/255"`` works).
+    """
+    import dataclasses
+    import tomllib
+
+    from .training import RunConfig
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except FileNotFoundError:
+        raise click.ClickException(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # tomllib.TOMLDecodeError is a ValueError
+        raise click.ClickException(f"--config {path}: not a readable TOML/JSON settings file "
+                                   f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    if path.suffix == ".json" and isinstance(raw.get("config"), dict):  # a run folder's config.json
+        raw = dict(raw["config"])
+    if not isinstance(raw, dict):
+        raise click.ClickException(f"--config {path}: expected a table of settings")
+    method_args = raw.pop("method_args", None) or {}
+    if not isinstance(method_args, dict):
+        raise click.ClickException(f"--config {path}: method_args must be a table")
+    raw.update(method_args)
+    ctx = click.get_current_context()
+    params = {p.name: p for p in ctx.command.params}
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    aliases = {"out": "out_dir"}
+    values = {}
+    for key, value in raw.items():
+        name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
+        if name not in params and name not in fields:
+            raise click.ClickException(f"--config {path}: unknown setting {key!r} (see at-mem train --help)")
+        param = params.get(name)
+        if param is not None and ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                                                     click.core.ParameterSource.ENVIRONMENT):
+            continue  # the command line wins
+        if param is not None and value is not None and not (param.name == "milestones" and isinstance(value, list)):
+            try:
+                value = param.type.convert(value, param, ctx)
+            except click.BadParameter as error:
+                raise click.ClickException(f"--config {path}: {key} = {value!r}: {error.message}") from None
+        values[name] = value
+    return values
 
 
 def _parse_overrides(items, method_cls) -> dict:

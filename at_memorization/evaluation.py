@@ -128,13 +128,18 @@ def evaluate(model, images, labels, *, attacks=ALL_ATTACKS, eps: float = 8 / 255
 
     ``autoattack`` goes through ``robustbench.eval.benchmark`` when ``dataset`` is CIFAR-10/100 and
     its official files are in ``data_dir`` (then ``images``/``labels`` are not used for it).
+    As in RobustBench, ``autoattack`` always comes with ``clean_acc`` on the same points, even when
+    ``clean`` is not requested (measured once when both are).
     """
     unknown = [a for a in attacks if a not in ALL_ATTACKS]
     if unknown:
         raise ValueError(f"unknown attack {unknown[0]!r}; choose from {', '.join(ALL_ATTACKS)}, all")
     model = model.to(device).eval()
     results: dict = {}
-    if "clean" in attacks:
+    benchmark = ("autoattack" in attacks and dataset is not None and data_dir is not None
+                 and official_files_present(dataset, data_dir))
+    # robustbench.eval.benchmark returns its own clean accuracy; pyautoattack's run needs ours.
+    if "clean" in attacks or ("autoattack" in attacks and not benchmark):
         results["clean_acc"] = accuracy(model, images, labels, batch_size=batch_size, device=device,
                                         progress=progress and progress("clean"))
     for name in attacks:
@@ -143,7 +148,7 @@ def evaluate(model, images, labels, *, attacks=ALL_ATTACKS, eps: float = 8 / 255
             results[f"{name}_acc"] = accuracy(model, images, labels, batch_size=batch_size, device=device,
                                               attack=attack, seed=seed, progress=progress and progress(name))
     if "autoattack" in attacks:
-        if dataset is not None and data_dir is not None and official_files_present(dataset, data_dir):
+        if benchmark:
             clean, robust = robustbench_benchmark(model, dataset=dataset, n_examples=len(labels), data_dir=data_dir,
                                                   eps=eps, norm=norm, device=device, batch_size=batch_size, seed=seed)
             results["autoattack_acc"] = robust

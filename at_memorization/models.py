@@ -12,6 +12,7 @@ code, none normalizes its input (the attacks' epsilon is in pixel units of [0, 1
 
 from __future__ import annotations
 
+import math
 import sys
 
 import timm
@@ -55,7 +56,13 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    """He et al. 2016, CIFAR variant (3x3 stride-1 stem), as in the paper's code."""
+    """He et al. 2016, CIFAR variant (3x3 stride-1 stem), as in the paper's code.
+
+    Initialization: PyTorch's defaults, as in the reference, Rice et al.'s
+    locuslab/robust_overfitting ``preactresnet.py`` (commit 263b826; kuangliu's pytorch-cifar model),
+    which has no init loop: Conv2d/Linear weights kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)),
+    std 1/sqrt(3 fan_in); Linear bias U(+-1/sqrt(fan_in)); BatchNorm weight 1, bias 0.
+    """
 
     def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3,
                  width: int = 64):
@@ -97,7 +104,12 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-18 with a 3x3 stride-1 stem and no max-pool (timm's ResNets assume 224x224)."""
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool (timm's ResNets assume 224x224).
+
+    Initialization: PyTorch's defaults, as in the references, the paper's official
+    dongyp13/memorization-AT ``models/resnet.py`` (commit 5edda6c) and TRADES' ``models/resnet.py``
+    (yaodongyu/TRADES commit 6e8e11b), both kuangliu's pytorch-cifar ResNet with no init loop.
+    """
 
     def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3):
         super().__init__()
@@ -135,7 +147,15 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """Zagoruyko & Komodakis 2016, as used by Madry et al. / TRADES (WRN-depth-widen)."""
+    """Zagoruyko & Komodakis 2016, as used by Madry et al. / TRADES (WRN-depth-widen).
+
+    Initialized as the references do: the paper's official dongyp13/memorization-AT
+    ``models/wideresnet.py`` (commit 5edda6c), TRADES' ``models/wideresnet.py`` (yaodongyu/TRADES
+    commit 6e8e11b) and Rice et al.'s ``wideresnet.py`` (locuslab/robust_overfitting commit 263b826):
+    every Conv2d weight N(0, 2 / (k*k*out_channels)) (He-normal, fan_out), BatchNorm weight 1 and
+    bias 0, Linear bias 0 and Linear weight left at PyTorch's default. The modules are visited in the
+    same order as there, so a given seed gives the official code's weights.
+    """
 
     def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10, in_chans: int = 3):
         super().__init__()
@@ -151,6 +171,17 @@ class WideResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                with torch.no_grad():
+                    module.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
 
     def forward(self, x):
         out = F.relu(self.bn(self.blocks(self.conv1(x))))
@@ -179,7 +210,10 @@ class SmallCNN(nn.Module):
             nn.Linear(200, 200), nn.ReLU(),
             nn.Linear(200, num_classes),
         )
-        # TRADES' initialization: without it this BN-free ReLU stack barely trains for epochs.
+        # After TRADES' small_cnn.py (yaodongyu/TRADES@6e8e11b), which He-initializes the convolutions
+        # (zero bias) and zeroes the last layer; unlike it, fc1 and fc2 are He-initialized here too
+        # (TRADES leaves them at PyTorch's default). Kept: the committed MNIST studies were run with
+        # it (docs/differences.md). Without such an init this BN-free ReLU stack barely trains.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight)

@@ -283,7 +283,7 @@ def _config_defaults() -> dict:
     """RunConfig's defaults, so that a config.json written before a setting existed compares equal."""
     from .training import RunConfig
 
-    return RunConfig().to_dict()
+    return RunConfig().resolve().to_dict()
 
 
 def settings(config: dict, method_config: dict | None = None) -> dict:

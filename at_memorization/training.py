@@ -46,6 +46,13 @@ from .randomness import capture_rng, restore_rng
 from .runlock import RunLock, check_free
 
 SCHEDULES = ("step", "cosine")
+# Named bundles of defaults (a setting given explicitly wins over its preset's value).
+PRESETS = {
+    # The paper's random-label runs (official train.py): no weight decay, no data augmentation.
+    "random-labels": {"label_noise": 1.0, "weight_decay": 0.0, "augment": False},
+}
+# Settings left as None are derived by RunConfig.resolve(): these, unless a preset sets them.
+DERIVED_DEFAULTS = {"weight_decay": 5e-4, "augment": True, "label_noise": 0.0}
 
 
 class TrainingError(RuntimeError):
@@ -79,21 +86,22 @@ class RunConfig:
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None  # None: 5e-4 (0 with preset random-labels)
     schedule: str = "step"
-    milestones: list = field(default_factory=lambda: [100, 150])
+    milestones: list | None = None  # None: 50% and 75% of the epochs (100, 150 of 200)
     lr_gamma: float = 0.1
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
-    norm: str = "Linf"
-    augment: bool = True
-    label_noise: float = 0.0
+    # the attack's defaults are the method layer's (TrainingSetup), stated once
+    eps: float = TrainingSetup.eps
+    step_size: float = TrainingSetup.step_size
+    steps: int = TrainingSetup.steps
+    norm: str = TrainingSetup.norm
+    augment: bool | None = None  # None: on (off with preset random-labels)
+    label_noise: float | None = None  # None: 0 (1 with preset random-labels)
     input_noise: str | None = None
     input_noise_fraction: float = 1.0
     train_size: int | None = None
     test_size: int | None = None
-    eval_steps: int = 20  # PGD steps for the per-epoch test robust accuracy
+    eval_steps: int = 10  # PGD steps of the per-epoch test robust accuracy (selects best.pt), as the references
     eval_train_size: int = 0  # >0: also clean/PGD accuracy on the first N training points each epoch
     track_samples: bool = False
     seed: int = 0
@@ -101,6 +109,7 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model for attack and update
     method_args: dict = field(default_factory=dict)
+    preset: str | None = None  # a key of PRESETS
 
     # settings that may differ on resume (they do not change the computation's result on CPU)
     RESUMABLE_CHANGES = ("data_dir", "compile")
@@ -109,8 +118,32 @@ class RunConfig:
     OVERRIDABLE = ("lr", "momentum", "weight_decay", "schedule", "milestones", "lr_gamma", "epochs", "eps",
                    "step_size", "steps", "eval_steps", "eval_train_size", "test_size", "bf16", "channels_last")
 
+    def resolve(self) -> "RunConfig":
+        """A copy with every derived setting filled in: presets, default weight decay, augmentation
+        and label noise, and step-schedule milestones at 50% and 75% of the epochs.
+
+        The one place defaults are derived: the CLI only parses, so ``at-mem train --epochs 10`` and
+        ``Trainer(RunConfig(epochs=10), ...)`` train with the same settings. Idempotent.
+        """
+        values = dataclasses.asdict(self)
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise TrainingError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+            for key, value in PRESETS[self.preset].items():
+                if values[key] is None:
+                    values[key] = value
+        for key, value in DERIVED_DEFAULTS.items():
+            if values[key] is None:
+                values[key] = value
+        if values["milestones"] is None:
+            # Distinct epochs: a repeated milestone would multiply the lr by 0.1 twice at once.
+            values["milestones"] = sorted({max(1, round(f * self.epochs)) for f in (0.5, 0.75)})
+        return RunConfig(**values)
+
     def validate(self) -> None:
         problems = []
+        if any(getattr(self, key) is None for key in (*DERIVED_DEFAULTS, "milestones")):
+            self = self.resolve()
         for name in ("lr", "momentum", "weight_decay", "lr_gamma", "eps", "step_size", "label_noise",
                      "input_noise_fraction", "drop_rate"):
             value = getattr(self, name)
@@ -170,7 +203,8 @@ def learning_rate(config: RunConfig, epoch: int) -> float:
     """
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
-    return config.lr * config.lr_gamma ** sum(epoch > m for m in config.milestones)
+    milestones = config.resolve().milestones if config.milestones is None else config.milestones
+    return config.lr * config.lr_gamma ** sum(epoch > m for m in milestones)
 
 
 @dataclass
@@ -181,6 +215,14 @@ class Callbacks:
     epoch_begin: Callable[[int, int], None] = lambda epoch, batches: None
     step: Callable[[], None] = lambda: None
     epoch_end: Callable[[dict], None] = lambda record: None
+
+
+def resolved_method_settings(config: RunConfig) -> dict:
+    """The method's own settings with its defaults and derivations (e.g. TE start/end) filled in,
+    as a run records them in config.json's "method" (no data needed)."""
+    setup = TrainingSetup(num_samples=1, num_classes=10, epochs=config.epochs, eps=config.eps,
+                          step_size=config.step_size, steps=config.steps, norm=config.norm)
+    return get_method(config.method)(setup, **config.method_args).config()
 
 
 def check_writable_folder(path: str | Path, what: str = "--out") -> None:
@@ -271,6 +313,7 @@ class Trainer:
     def __init__(self, config: RunConfig, out_dir: str | Path, *, device: str | None = None,
                  resume: bool = False, callbacks: Callbacks | None = None, data: DataBundle | None = None,
                  overrides: dict | None = None, allow_data_change: bool = False, checkpoint_every_steps: int = 0):
+        config = config.resolve()
         config.validate()
         self.config = config
         self.out_dir = Path(out_dir)

@@ -89,7 +89,7 @@ def test_tiny_run_writes_everything(mnist_dir, tmp_path):
     assert ("begin", 1, 4) in events and ("end", 2) in events  # 256 / 64 = 4 batches
 
     last = ckpt.load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 2 and last["config"] == config.to_dict() and last["dataset"] == "mnist"
+    assert last["epoch"] == 2 and last["config"] == config.resolve().to_dict() and last["dataset"] == "mnist"
     assert last["history"] == records
     best = ckpt.load_checkpoint(run / "best.pt")
     assert best["epoch"] == last["best"]["epoch"]

@@ -22,13 +22,13 @@ def trades_kl(logits_adv, logits_clean):
 
 class TRADES(Method):
     name = "trades"
-    description = "TRADES (Zhang et al. 2019): CE(clean) + beta * KL(adv || clean), Linf"
+    description = "TRADES (Zhang et al. 2019): CE(clean) + beta * KL(adv || clean), Linf or L2"
     hyperparameters = (Hyperparameter("beta", float, 6.0, "TRADES' robustness weight"),)
 
     def __init__(self, setup, **hparams):
         super().__init__(setup, **hparams)
-        if setup.norm != "Linf":
-            raise MethodError(f"{self.name} supports the Linf threat model only")
+        if setup.norm not in ("Linf", "L2"):
+            raise MethodError(f"{self.name} supports the Linf and L2 threat models, got norm {setup.norm!r}")
         self.beta = self.hparams["beta"]
         if not self.beta >= 0:  # also NaN
             raise MethodError(f"{self.name}: --beta must be a number >= 0, got {self.beta}")
@@ -37,7 +37,8 @@ class TRADES(Method):
         """One attack object per model, built on first use (not once per step)."""
         if getattr(self, "_attack", None) is None or self._attack.model is not model:
             s = self.setup
-            self._attack = PenalizedTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, beta=self.beta)
+            self._attack = PenalizedTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, beta=self.beta,
+                                         norm=s.norm)
         return self._attack
 
     def attack(self, model, x, y, index, epoch):
