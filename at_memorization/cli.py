@@ -7,7 +7,6 @@ User mistakes (unknown names, bad values, missing data, foreign checkpoints) end
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import sys
@@ -18,31 +17,13 @@ import click
 
 from . import _quiet  # noqa: F401  (first: keeps third-party deprecation warnings out of CLI output)
 from . import __version__
-from ._compat import RobustBenchUnavailable
-from .checkpoint import CheckpointError
-from .data import DATASETS, INPUT_NOISE_KINDS, DataError
-from .methods import MethodError, UnknownMethodError, discover
+from .checkpoint import write_text_atomic
+from .data import DATASETS, INPUT_NOISE_KINDS
+from .methods import discover
 from .methods.registry import all_hyperparameters
-from .models import UnknownModelError, model_names
-from .runlock import RunLockError
+from .models import model_names
 from .training import PRESETS, resolved_method_settings
-
-USER_ERRORS = (DataError, CheckpointError, MethodError, UnknownMethodError, UnknownModelError,
-               RobustBenchUnavailable, FileNotFoundError, RunLockError)
-
-
-def _user_errors(func):
-    """Turn the library's user-facing errors into ``Error: <one line>`` and exit status 1."""
-    from .training import TrainingError
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except (*USER_ERRORS, TrainingError) as error:
-            raise click.ClickException(str(error).splitlines()[0] if str(error) else type(error).__name__)
-
-    return wrapper
+from .user_errors import USER_ERRORS, one_line_errors as _user_errors  # noqa: F401  (USER_ERRORS: API)
 
 
 class FractionType(click.ParamType):
@@ -253,7 +234,7 @@ def train_command(method, preset, out_dir, config_file, print_config, resume, ov
             trainer.fit()
         except TrainingInterrupted as stopped:
             callbacks.close_bar()
-            resume_hint = (f"continue with the same command and --resume" if stopped.saved else
+            resume_hint = ("continue with the same command and --resume" if stopped.saved else
                            "nothing was trained yet: start again with the same command")
             where = f"; saved {out_dir / 'last.pt'}" if stopped.step else ""
             say(f"{stopped}{where}; {resume_hint}", err=True)
@@ -550,7 +531,8 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
     """
     from .checkpoint import load_checkpoint
     from .evaluation import ALL_ATTACKS, default_batch_size, write_model_card
-    from .training import check_writable_folder, resolve_device
+    from .runtime import resolve_device
+    from .training import check_writable_folder
 
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else None
     if run_dir is not None:
@@ -587,7 +569,7 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
     _echo_accuracies(record)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(json.dumps(record, indent=2) + "\n", output)
         click.echo(f"wrote {output}")
     if model_card:
         write_model_card(model_card, dataset=record["dataset"], eps=record["eps"], clean_acc=record["clean_acc"],

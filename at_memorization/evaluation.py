@@ -46,21 +46,18 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 def correct_flags(model, images, labels, *, batch_size: int = 256, device="cpu", attack=None, seed: int = 0,
                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Per-example correctness (bool) on clean or attacked inputs; the model is put in eval mode."""
-    was_training = model.training
-    model.eval()
+    from .runtime import eval_mode
+
     flags = []
-    try:
-        with isolated_rng(seed):
-            for x, y in _batches(images, labels, batch_size):
-                x, y = _as_float(x).to(device), y.to(device)
-                if attack is not None:
-                    x = attack(x, y)
-                with torch.no_grad():
-                    flags.append((model(x).argmax(1) == y).cpu())
-                if progress:
-                    progress(len(y))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), isolated_rng(seed):
+        for x, y in _batches(images, labels, batch_size):
+            x, y = _as_float(x).to(device), y.to(device)
+            if attack is not None:
+                x = attack(x, y)
+            with torch.no_grad():
+                flags.append((model(x).argmax(1) == y).cpu())
+            if progress:
+                progress(len(y))
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
@@ -117,7 +114,9 @@ def write_model_card(path: str | Path, *, dataset: str, eps: float, clean_acc: f
     record.update(extra or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    from .checkpoint import write_text_atomic
+
+    write_text_atomic(json.dumps(record, indent=2) + "\n", path)
     return path
 
 

@@ -244,8 +244,9 @@ OUR_MODELS = {
     "wrn28_10": lambda **kw: WideResNet(28, 10, **kw),
     "smallcnn": lambda **kw: SmallCNN(**kw),
 }
-# RobustBench looks models up as f"{name}_{dataset}_{threat}" (lower case) in timm's registry.
-ROBUSTBENCH_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn")
+# RobustBench looks models up as f"{name}_{dataset}_{threat}" (lower case) in timm's registry; its
+# BenchmarkDataset has cifar10, cifar100 and imagenet only, so other data sets get no such names.
+ROBUSTBENCH_DATASETS = ("cifar10", "cifar100")
 ROBUSTBENCH_THREATS = ("linf", "l2")
 
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -31,19 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .attacks import training_pgd
-from .data import AUGMENTATIONS, DataBundle, epoch_batches, load_data, num_batches, to_float
+from .data import AUGMENTATIONS, DataBundle, epoch_batches, load_data, to_float
 from .evaluation import correct_flags, default_batch_size
 from .methods import MethodError, TrainingSetup, get_method
 from .models import UnknownModelError, build_model, model_names
 from .randomness import capture_rng, restore_rng
 from .runlock import RunLock, check_free
+from .runtime import DistributedContext, TrainingError, eval_mode, resolve_device, seed_everything  # noqa: F401
 
 SCHEDULES = ("step", "cosine")
 # Named bundles of defaults (a setting given explicitly wins over its preset's value).
@@ -53,10 +52,6 @@ PRESETS = {
 }
 # Settings left as None are derived by RunConfig.resolve(): these, unless a preset sets them.
 DERIVED_DEFAULTS = {"weight_decay": 5e-4, "augment": True, "label_noise": 0.0}
-
-
-class TrainingError(RuntimeError):
-    """A run cannot start or continue; the message says why in one line."""
 
 
 class TrainingInterrupted(Exception):
@@ -252,61 +247,6 @@ def data_fingerprint(dataset) -> str:
     return digest.hexdigest()
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``--device`` as a torch.device (default: cuda when available), or a one-line TrainingError."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise TrainingError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"device {device} requested but CUDA is not available (use --device cpu)")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise TrainingError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif resolved.type not in ("cpu", "mps"):
-        raise TrainingError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
-    return resolved
-
-
-class DistributedContext:
-    """torchrun's environment: rank, world size and the device of this process."""
-
-    def __init__(self, device: str | None):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and self.world_size > 1:
-            device = f"cuda:{self.local_rank}"
-        self.device = resolve_device(device)
-        if self.device.type == "cuda":
-            if self.device.index is None:  # torch.cuda.set_device refuses a bare "cuda": name the current one
-                self.device = torch.device("cuda", torch.cuda.current_device())
-            torch.cuda.set_device(self.device)
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
 class Trainer:
     """Runs one method on one model and data set, writing everything under ``out_dir``."""
 
@@ -347,9 +287,7 @@ class Trainer:
         method_cls = get_method(config.method)
         # Every global stream (torch, Python, NumPy), so that two runs with one --seed agree in full
         # (a resumed run then restores all three from the checkpoint).
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        np.random.seed(config.seed)
+        seed_everything(config.seed)
         self.data = data or load_data(config.dataset, config.data_dir, train_size=config.train_size,
                                       test_size=config.test_size, label_noise=config.label_noise,
                                       input_noise=config.input_noise,
@@ -655,12 +593,14 @@ class Trainer:
             with self._autocast():
                 x_adv = method.attack(self.attack_model, x, y, index, epoch)
             self.train_model.train()
+            method.before_loss(self.model, x, x_adv, y, index, epoch)
             with self._autocast():
                 loss, logs = method.loss(self.train_model, x, x_adv, y, index, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
                 [p.grad for p in params if p.grad is not None])))
+            method.before_step(self.model, self.optimizer, epoch)
             self.optimizer.step()
             n = torch.full((), float(len(y)), device=ctx.device)  # a fill, not a host-to-device copy
             add("train_loss", loss, n)
@@ -737,11 +677,8 @@ class Trainer:
 
     def _track(self, epoch, x_adv, y, index) -> None:
         """Per-sample adversarial correctness and loss (eval mode) on this step's examples."""
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with eval_mode(self.model), torch.no_grad(), self._autocast():
             logits = self.model(x_adv).float()
-        self.model.train(was_training)
         correct = (logits.argmax(1) == y).to(torch.uint8)
         losses = torch.nn.functional.cross_entropy(logits, y, reduction="none").to(torch.float16)
         if self.ctx.enabled:

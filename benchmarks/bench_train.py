@@ -259,6 +259,7 @@ def time_method(method, model_name, bundle, args, out_root, with_reference=True)
                                                  / result["reference_images_per_s_median"])
     if peak:
         result["peak_memory_bytes"] = peak
+    trainer.close()  # releases the run folder's lock
     del trainer, ref
     return result
 

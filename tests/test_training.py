@@ -362,3 +362,35 @@ def test_bare_cuda_device_is_given_an_index(monkeypatch):
     for requested, expected in (("cuda", 1), (None, 1), ("cuda:0", 0)):
         assert DistributedContext(requested).device == torch.device("cuda", expected)
     assert chosen == [1, 1, 0]
+
+
+def test_update_hooks_are_called_around_loss_and_step(mnist_dir, tmp_path, monkeypatch):
+    """Methods get before_loss (after the attack) and before_step (after backward, before the update):
+    what AWP needs to perturb the weights for the loss and restore them before the step."""
+    from at_memorization.methods.pgd_at import PGDAT
+
+    calls, weights = [], {}
+
+    def before_loss(self, model, x, x_adv, y, index, epoch):
+        calls.append("before_loss")
+        assert model.training and not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        weight = next(model.parameters())
+        weights["original"] = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(1.0)  # perturb: the loss and its gradients are computed here
+
+    def before_step(self, model, optimizer, epoch):
+        calls.append("before_step")
+        weight = next(model.parameters())
+        assert weight.grad is not None  # after backward
+        with torch.no_grad():
+            weight.sub_(1.0)  # restore before the update
+        weights["restored"] = weight.detach().clone()
+
+    monkeypatch.setattr(PGDAT, "before_loss", before_loss)
+    monkeypatch.setattr(PGDAT, "before_step", before_step)
+    trainer = Trainer(_config(mnist_dir, epochs=1, train_size=64, batch_size=64, steps=1, eval_steps=1), tmp_path / "r")
+    trainer.train_epoch(1)
+    trainer.close()
+    assert calls == ["before_loss", "before_step"]
+    assert torch.allclose(weights["original"], weights["restored"], atol=1e-6)  # w + 1 - 1, up to rounding

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import click
 
+from ..checkpoint import write_text_atomic
+from ..user_errors import one_line_errors
+
 
 class FloatListType(click.ParamType):
     name = "numbers"
@@ -50,12 +53,12 @@ def _positive(name, value):
 def _write_json(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
     click.echo(f"wrote {path}")
 
 
 def _device(device):
-    from ..training import TrainingError, resolve_device
+    from ..runtime import TrainingError, resolve_device
 
     try:
         return str(resolve_device(device))
@@ -230,8 +233,6 @@ COMMANDS = (gradient_stability_command, measures_command, memorization_command, 
 
 def register(group: click.Group) -> None:
     """Add the analysis commands to ``group``, with the CLI's one-line error handling."""
-    from ..cli import _user_errors
-
     for command in COMMANDS:
-        command.callback = _user_errors(_analysis_errors(command.callback))
+        command.callback = one_line_errors(_analysis_errors(command.callback))
         group.add_command(command)

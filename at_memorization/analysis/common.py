@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..attacks import PenalizedPGD, PenalizedTPGD, margins  # noqa: F401  (re-exported)
 from ..methods.trades import trades_kl
 from ..checkpoint import build_model_from_checkpoint, load_checkpoint
+from ..runtime import eval_mode
 from ..data import IndexedDataset, load_data, load_split
 
 
@@ -144,14 +145,11 @@ def pgd_examples(model, x, y, *, eps, step_size, steps, norm="Linf", seed=0, bat
     """PGD examples (CE, random start) for the model as it is now, on a fixed random stream."""
     from ..randomness import isolated_rng
 
-    was_training = model.training
-    model.eval()
     attack = PenalizedPGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True, norm=norm)
     out = []
-    with isolated_rng(seed):
+    with eval_mode(model), isolated_rng(seed):
         for start in range(0, len(y), batch_size):
             out.append(attack(x[start:start + batch_size], y[start:start + batch_size]))
-    model.train(was_training)
     return torch.cat(out) if out else x.clone()
 
 
@@ -159,14 +157,11 @@ def trades_examples(model, x, y, *, eps, step_size, steps, seed=0, batch_size=25
     """TRADES' KL attack (TPGD) examples for the model as it is now."""
     from ..randomness import isolated_rng
 
-    was_training = model.training
-    model.eval()
     attack = PenalizedTPGD(model, eps=eps, alpha=step_size, steps=steps)
     out = []
-    with isolated_rng(seed):
+    with eval_mode(model), isolated_rng(seed):
         for start in range(0, x.shape[0], batch_size):
             out.append(attack(x[start:start + batch_size], y[start:start + batch_size]))
-    model.train(was_training)
     return torch.cat(out) if out else x.clone()
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -297,6 +296,3 @@ def compare_checkpoints(results: list[dict], target: str = "robust_gap") -> dict
         out["measures"][measure] = {"values": values, "ranks": _ranks(values), "kendall_tau": kendall_tau(values, gap)}
     return out
 
-
-def measure_paths(paths, **kwargs) -> list[dict]:
-    return [measure_checkpoint(Path(p), **kwargs) for p in paths]

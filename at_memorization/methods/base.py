@@ -14,7 +14,7 @@ tensors and plain Python values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -72,6 +72,15 @@ class Method:
 
     def loss(self, model: torch.nn.Module, x, x_adv, y, index, epoch: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    # -- optional hooks around the update (the trainer calls them for every method, never by name)
+    def before_loss(self, model: torch.nn.Module, x, x_adv, y, index, epoch: int) -> None:
+        """After the attack, before ``loss``: e.g. AWP perturbs the weights here. ``model`` is the
+        bare model (not a DDP wrapper), in train mode."""
+
+    def before_step(self, model: torch.nn.Module, optimizer, epoch: int) -> None:
+        """After ``loss.backward()``, before ``optimizer.step()``: e.g. AWP restores the weights here,
+        so the update applies the perturbed point's gradients to the unperturbed weights."""
 
     # -- optional hooks
     def on_epoch_start(self, epoch: int) -> dict[str, float]:

@@ -31,7 +31,12 @@ with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
             data = b"".join(line + b"\n" for line in data.splitlines() if not drop(line.decode().split(",")[0]))
         dst.writestr(info, data)
 PY
-"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl . >/dev/null
+# Build from a copy: a build in the tree leaves at_memorization.egg-info behind, whose stale entry
+# points `python -m at_memorization` (run from the root) would read instead of the installed ones.
+build=$(mktemp -d)
+git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$build"/ 2>/dev/null || cp -r . "$build"
+"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "$build" >/dev/null
+rm -rf "$build"
 cp "$SHARED_DATA/cifar10-jpg/cifar10_jpg_YoongiKim_6d04f75.tar.gz" .gpu-data/cifar10-jpg/
 cp "$SHARED_DATA"/mnist/*.gz .gpu-data/mnist/
 du -sh .whl .gpu-data

@@ -254,7 +254,7 @@ def stage_check(stage: Stage) -> None:
 
 
 def stage_speed(stage: Stage) -> None:
-    s, out = stage.settings, stage.out
+    s = stage.settings
     stage.record["device_name"] = environment().get("device_name")
     bench = [sys.executable, "-P", str(ROOT / "benchmarks" / "bench_train.py"), "--device", s.device, *s.bench_data,
              *s.bench]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from at_memorization.methods import Hyperparameter, MethodError
 from at_memorization.methods.pgd_at import PGDAT
 from at_memorization.methods.trades import TRADES, trades_kl
+from at_memorization.runtime import eval_mode
 
 from .loss import TELoss
 
@@ -65,11 +66,8 @@ class TemporalEnsemblingMixin:
         """Eval-mode clean logits of the batch, fed to the ensemble (None before TE starts)."""
         if not self.te.active(epoch):
             return None
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             clean_logits = model(x)
-        model.train(was_training)
         self.te.update(clean_logits, index, epoch)
         return clean_logits
 

@@ -1,0 +1,91 @@
+"""What a process needs before any training: the device, torchrun's process group, seeds, and an
+eval-mode context that always restores the model's mode."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue; the message says why in one line."""
+
+
+def seed_everything(seed: int) -> None:
+    """Every global stream (torch, Python, NumPy): two runs with one seed then agree in full."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside the block, its previous mode restored after (also on errors)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``--device`` as a torch.device (default: cuda when available), or a one-line TrainingError."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise TrainingError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"device {device} requested but CUDA is not available (use --device cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise TrainingError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif resolved.type not in ("cpu", "mps"):
+        raise TrainingError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return resolved
+
+
+class DistributedContext:
+    """torchrun's environment: rank, world size and the device of this process."""
+
+    def __init__(self, device: str | None):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.world_size > 1:
+            device = f"cuda:{self.local_rank}"
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            if self.device.index is None:  # torch.cuda.set_device refuses a bare "cuda": name the current one
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+

@@ -1,0 +1,34 @@
+"""The user-facing errors of the library, and the decorator that turns them into one CLI line.
+
+Shared by ``cli.py`` and ``analysis/commands.py`` (which therefore need not import each other).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from ._compat import RobustBenchUnavailable
+from .checkpoint import CheckpointError
+from .data import DataError
+from .methods import MethodError, UnknownMethodError
+from .models import UnknownModelError
+from .runlock import RunLockError
+from .training import TrainingError
+
+USER_ERRORS = (DataError, CheckpointError, MethodError, UnknownMethodError, UnknownModelError,
+               RobustBenchUnavailable, FileNotFoundError, RunLockError, TrainingError)
+
+
+def one_line_errors(func):
+    """Turn the library's user-facing errors into ``Error: <one line>`` and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as error:
+            raise click.ClickException(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    return wrapper

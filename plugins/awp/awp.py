@@ -1,0 +1,205 @@
+"""``AWPMixin``: adversarial weight perturbation (Wu, Xia & Wang, NeurIPS 2020) for any method.
+
+After the authors' code, csdongxian/AWP@a7acf5d842fccf1bbb4b91644352ce157d370a26
+(``AT_AWP/utils_awp.py`` and ``AT_AWP/train_cifar10.py``; ``trades_AWP/utils_awp.py`` and
+``trades_AWP/train_trades_cifar.py``). Every step, once the adversarial examples are made:
+
+1. ``calc_awp``: a proxy (a copy of the model, loaded with the model's weights and buffers, in train
+   mode) takes one plain SGD step (no momentum, no weight decay) on *minus* the method's own
+   training loss (PGD-AT: -CE(adv), TRADES: -(CE(clean) + beta * KL), as the reference's). For
+   every weight ``w`` whose name contains "weight" and which has more than one dimension
+   (convolutions, linear layers; not BatchNorm, not biases), the step ``d = w_proxy - w`` is
+   rescaled to the layer's norm: ``v = ||w|| / (||d|| + 1e-20) * d``;
+2. ``perturb`` (trainer hook ``before_loss``): ``w <- w + gamma * v``;
+3. the method's loss and its gradients, at the perturbed weights;
+4. ``restore`` (hook ``before_step``, after ``backward``, before ``optimizer.step``): ``w`` back.
+
+Where this differs from the reference, and why the update is still the reference's:
+
+* The reference restores *after* ``optimizer.step()``, by subtracting ``gamma * v``; the trainer's
+  hook comes before the step. Without weight decay both orders give ``w - lr * update``. SGD's
+  (coupled) weight decay, however, decays the weights the step sees: the perturbed ones in the
+  reference. ``restore`` therefore adds ``weight_decay * gamma * v`` to the gradient of each
+  perturbed weight (torch SGD, with or without momentum), which makes the update, and the momentum
+  buffer, the reference's up to rounding.
+* ``restore`` copies back the saved weights instead of subtracting ``gamma * v`` (the reference
+  leaves ``w + gamma*v - gamma*v``, which is ``w`` only up to rounding): exact, so processes under
+  torchrun never drift apart.
+* Under torch.distributed the proxy's gradients are averaged over the processes before its step,
+  so every process applies the same perturbation, the one of the global batch (the reference's
+  ``nn.DataParallel`` proxy also sees the whole batch).
+* TRADES: the proxy's clean logits come from one forward pass, not two (the same values unless the
+  model has dropout), and the KL term is ``trades_kl`` (finite gradients where a clean probability
+  underflows).
+
+The proxy is a plain ``nn.Module`` (``copy.deepcopy`` of the model at first use) kept on the
+method object. It is reloaded from the model at every step and its optimizer keeps no state
+(SGD without momentum), so nothing of AWP goes into the checkpoint: a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+
+from at_memorization.methods import MethodError
+
+AWP_EPS = 1e-20  # utils_awp.py's EPS
+
+
+def awp_weight_names(model: torch.nn.Module) -> list[str]:
+    """The parameters AWP perturbs: "weight" in the name and more than one dimension (the
+    reference's ``diff_in_weights`` filter, applied to the parameters ``add_into_weights`` touches)."""
+    return [name for name, p in model.named_parameters() if "weight" in name and p.dim() > 1 and p.requires_grad]
+
+
+class AWPMixin:
+    """Adds AWP to the method next in the MRO, e.g. ``class PGDATAWP(AWPMixin, PGDAT)``.
+
+    Hyperparameters ``awp_gamma`` and ``awp_warmup`` (None: the class's reference defaults below).
+    AWP is on from epoch ``awp_warmup + 1`` (epochs count from 1) while ``awp_gamma > 0``.
+    """
+
+    awp_default_gamma: float = 0.01
+    # Warm-up epochs of a 200-epoch run; other lengths get the same fraction, rounded down.
+    awp_default_warmup: int = 0
+    # The proxy's SGD learning rate. The rescaling to ||w|| cancels it (up to rounding).
+    awp_proxy_lr: float = 0.01
+
+    def __init__(self, setup, **hparams):
+        super().__init__(setup, **hparams)  # the method next in the MRO
+        self._init_awp(setup)
+
+    def _init_awp(self, setup) -> None:
+        h = self.hparams
+        if h["awp_gamma"] is None:
+            h["awp_gamma"] = float(self.awp_default_gamma)
+        if h["awp_warmup"] is None:
+            h["awp_warmup"] = self.awp_default_warmup * setup.epochs // 200
+            if h["awp_warmup"] != self.awp_default_warmup:
+                self.notes.append(f"AWP: {setup.epochs} epochs, so AWP starts at epoch {h['awp_warmup'] + 1} "
+                                  f"(the reference's {self.awp_default_warmup + 1} of 200)")
+        gamma, warmup = h["awp_gamma"], h["awp_warmup"]
+        if not (math.isfinite(gamma) and gamma >= 0):
+            raise MethodError(f"{self.name}: --awp-gamma must be a number >= 0 (0: no AWP), got {gamma}")
+        if warmup < 0:
+            raise MethodError(f"{self.name}: --awp-warmup must be >= 0, got {warmup}")
+        if gamma > 0 and warmup >= setup.epochs:
+            raise MethodError(f"{self.name}: AWP starts after {warmup} epochs (--awp-warmup) but the run has "
+                              f"{setup.epochs} epochs, so AWP would never switch on; use --awp-warmup < "
+                              f"{setup.epochs} (or --awp-gamma 0 to train without AWP)")
+        self.awp_gamma, self.awp_warmup = gamma, warmup
+        self._awp_model = None  # the model the proxy was copied from
+        self._awp_proxy = None
+        self._awp_proxy_optimizer = None
+        self._awp_saved = None  # [(parameter, its unperturbed value)] between perturb and restore
+
+    # ------------------------------------------------------------------ the schedule
+    def awp_active(self, epoch: int) -> bool:
+        return self.awp_gamma > 0 and epoch > self.awp_warmup
+
+    def on_epoch_start(self, epoch):
+        return {**super().on_epoch_start(epoch), "awp_gamma": self.awp_gamma if self.awp_active(epoch) else 0.0}
+
+    # ------------------------------------------------------------------ the reference's AdvWeightPerturb
+    def awp_loss(self, proxy, x, x_adv, y, index, epoch) -> torch.Tensor:
+        """What the weight perturbation maximizes: the method's own training loss (on the proxy)."""
+        return self.loss(proxy, x, x_adv, y, index, epoch)[0]
+
+    def _proxy_for(self, model: torch.nn.Module):
+        if self._awp_proxy is None or self._awp_model is not model:
+            proxy = copy.deepcopy(model)
+            for p in proxy.parameters():
+                p.grad = None
+            names = set(awp_weight_names(model))
+            self._awp_names = [name for name, _ in model.named_parameters() if name in names]
+            proxy_params = dict(proxy.named_parameters())
+            self._awp_proxy_weights = [proxy_params[name] for name in self._awp_names]
+            self._awp_proxy, self._awp_model = proxy, model
+            # Plain SGD (no momentum: no state). Only the perturbed weights are stepped: the others'
+            # steps (the reference takes them) are never read.
+            self._awp_proxy_optimizer = torch.optim.SGD(self._awp_proxy_weights, lr=self.awp_proxy_lr)
+        return self._awp_proxy
+
+    def calc_awp(self, model, x, x_adv, y, index, epoch) -> "OrderedDict[str, torch.Tensor]":
+        """The unscaled perturbation ``v`` by parameter name (``AdvWeightPerturb.calc_awp``)."""
+        proxy = self._proxy_for(model)
+        proxy.load_state_dict(model.state_dict())
+        proxy.train()
+        with torch.enable_grad():
+            loss = -self.awp_loss(proxy, x, x_adv, y, index, epoch)
+            self._awp_proxy_optimizer.zero_grad()
+            loss.backward()
+        self._average_proxy_gradients()
+        self._awp_proxy_optimizer.step()
+        model_params = dict(model.named_parameters())
+        diff = OrderedDict()
+        with torch.no_grad():
+            for name, new_w in zip(self._awp_names, self._awp_proxy_weights):
+                old_w = model_params[name]
+                diff_w = new_w - old_w
+                diff[name] = old_w.norm() / (diff_w.norm() + AWP_EPS) * diff_w
+        return diff
+
+    def _average_proxy_gradients(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        grads = [p.grad for p in self._awp_proxy_weights if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(dist.get_world_size())
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def perturb(self, model, diff) -> None:
+        """``w <- w + gamma * v``, keeping ``w`` for ``restore``."""
+        if self._awp_saved is not None:  # a perturbation never restored: undo it first
+            self.restore(model, None)
+        saved = []
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in diff:
+                    saved.append((param, param.detach().clone()))
+                    param.add_(1.0 * self.awp_gamma * diff[name])
+        self._awp_saved = saved
+
+    def restore(self, model, optimizer) -> None:
+        """The saved ``w`` back; for torch SGD with weight decay, the gradient gets the decay of the
+        perturbation, ``weight_decay * (w_perturbed - w)``, that the reference's step (taken at the
+        perturbed weights) applies."""
+        saved, self._awp_saved = self._awp_saved, None
+        if not saved:
+            return
+        decay = {}
+        if isinstance(optimizer, torch.optim.SGD):
+            for group in optimizer.param_groups:
+                wd = group.get("weight_decay", 0.0)
+                if wd:
+                    # SGD negates the gradient under maximize, but adds the decay after that.
+                    sign = -1.0 if group.get("maximize", False) else 1.0
+                    for p in group["params"]:
+                        decay[id(p)] = sign * wd
+        with torch.no_grad():
+            for param, original in saved:
+                wd = decay.get(id(param), 0.0)
+                if wd and param.grad is not None:
+                    param.grad.add_(param - original, alpha=wd)
+                param.copy_(original)
+
+    # ------------------------------------------------------------------ the trainer's hooks
+    def before_loss(self, model, x, x_adv, y, index, epoch):
+        super().before_loss(model, x, x_adv, y, index, epoch)
+        if self.awp_active(epoch):
+            self.perturb(model, self.calc_awp(model, x, x_adv, y, index, epoch))
+
+    def before_step(self, model, optimizer, epoch):
+        self.restore(model, optimizer)
+        super().before_step(model, optimizer, epoch)
