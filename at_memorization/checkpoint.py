@@ -172,6 +172,17 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return obj
 
 
+def run_setting(state: dict, key: str):
+    """A setting of the run that wrote ``state`` (its ``config``); for a checkpoint written before
+    the setting existed, RunConfig's resolved default. The one place such defaults are read."""
+    config = state.get("config") or {}
+    if key in config:
+        return config[key]
+    from .training import RunConfig  # the defaults' one statement (imported late: training imports us)
+
+    return getattr(RunConfig().resolve(), key)
+
+
 def cpu_state_dict(model) -> dict:
     """The model's state dict on the CPU, floating-point tensors in fp32 (what checkpoints hold)."""
     return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}

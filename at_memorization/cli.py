@@ -224,6 +224,7 @@ def train_command(method, preset, out_dir, config_file, print_config, resume, ov
                           checkpoint_every_steps=checkpoint_every_steps)
         if trainer.start_epoch > config.epochs:
             trainer.close()
+            trainer.ctx.shutdown()
             click.echo(f"{out_dir} already finished all {config.epochs} epochs")
             return
         stop.trainer = trainer
@@ -232,12 +233,14 @@ def train_command(method, preset, out_dir, config_file, print_config, resume, ov
                    f"{len(trainer.data.test)} test) with {config.model} on {trainer.ctx.device}; writing {out_dir}", err=True)
         try:
             trainer.fit()
+            trainer.ctx.shutdown()
         except TrainingInterrupted as stopped:
             callbacks.close_bar()
             resume_hint = ("continue with the same command and --resume" if stopped.saved else
                            "nothing was trained yet: start again with the same command")
             where = f"; saved {out_dir / 'last.pt'}" if stopped.step else ""
             say(f"{stopped}{where}; {resume_hint}", err=True)
+            trainer.ctx.shutdown()  # every process stopped at the same step
             sys.exit(128 + stop.signum if stop.signum else 1)
     best = trainer.best
     say(f"done: best epoch {best['epoch']} (test robust {best['test_robust_acc']:.4f}, "
@@ -401,13 +404,14 @@ class _Evaluation:
 
     def settings(self, state: dict) -> dict:
         """The options, with the checkpoint's own values where none were given."""
-        config = state.get("config", {})
-        eps = config.get("eps", 8 / 255) if self.eps is None else self.eps
+        from .checkpoint import run_setting
+
+        eps = run_setting(state, "eps") if self.eps is None else self.eps
         if eps < 0:
             raise click.ClickException(f"eps must be >= 0, got {eps}")
         return {"dataset": self.dataset or state["dataset"],
-                "data_dir": self.data_dir or config.get("data_dir", "./data"),
-                "eps": eps, "norm": self.norm or config.get("norm", "Linf")}
+                "data_dir": self.data_dir or run_setting(state, "data_dir"),
+                "eps": eps, "norm": self.norm or run_setting(state, "norm")}
 
     def test_split(self, dataset: str, data_dir: str):
         from .data import load_split

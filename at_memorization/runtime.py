@@ -68,8 +68,17 @@ class DistributedContext:
             if self.device.index is None:  # torch.cuda.set_device refuses a bare "cuda": name the current one
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
-        if self.world_size > 1 and not dist.is_initialized():
+        self.owns_group = self.world_size > 1 and not dist.is_initialized()
+        if self.owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def shutdown(self) -> None:
+        """After a finished run: all processes meet, then the process group we created is torn down
+        (a process that exits with it alive can abort in the backend's threads, exit status -6)."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            self.owns_group = False
 
     @property
     def enabled(self) -> bool:

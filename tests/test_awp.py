@@ -491,6 +491,7 @@ WORKER = textwrap.dedent("""
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as handle:
             json.dump({"ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered)}, handle)
+    dist.barrier()  # tear down together: a rank leaving gloo early can abort the other (exit -6)
     dist.destroy_process_group()
 """)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..attacks import PenalizedPGD, PenalizedTPGD, margins  # noqa: F401  (re-exported)
 from ..methods.trades import trades_kl
-from ..checkpoint import build_model_from_checkpoint, load_checkpoint
+from ..checkpoint import build_model_from_checkpoint, load_checkpoint, run_setting
 from ..runtime import eval_mode
 from ..data import IndexedDataset, load_data, load_split
 
@@ -74,19 +74,19 @@ class LoadedCheckpoint:
 
     @property
     def eps(self) -> float:
-        return float(self.config.get("eps", 8 / 255))
+        return float(run_setting(self.state, "eps"))
 
     @property
     def step_size(self) -> float:
-        return float(self.config.get("step_size", 2 / 255))
+        return float(run_setting(self.state, "step_size"))
 
     @property
     def steps(self) -> int:
-        return int(self.config.get("steps", 10))
+        return int(run_setting(self.state, "steps"))
 
     @property
     def norm(self) -> str:
-        return self.config.get("norm", "Linf")
+        return run_setting(self.state, "norm")
 
     @property
     def beta(self) -> float:

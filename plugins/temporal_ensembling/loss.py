@@ -62,6 +62,12 @@ def check_index(index, batch_size: int, num_samples: int, check_range: bool = Tr
             raise IndexError(f"sample index out of range [0, {num_samples}): min {low}, max {high}")
 
 
+def te_penalty(logits: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
+    """The TE penalty, ``weight * mean((softmax(logits) - target)**2)``: the one statement of its
+    formula, used by ``TELoss``, the attacks' inner loss and the methods' training loss."""
+    return weight * (F.softmax(logits.float(), dim=1) - target).pow(2).mean()
+
+
 def ramp(epoch: int, start_epoch: int, end_epoch: int) -> float:
     """0 before ``start_epoch``, 1 after ``end_epoch``, a sigmoid-shaped rise in between."""
     if epoch < start_epoch:
@@ -194,8 +200,7 @@ class TELoss(nn.Module):
         w = self.weight(epoch)
         if w == 0.0:
             return (logits.float() * 0.0).sum()
-        target = self.target(index).to(logits.device)
-        return w * (F.softmax(logits.float(), dim=1) - target).pow(2).mean()
+        return te_penalty(logits, self.target(index).to(logits.device), w)
 
 
 def _first_occurrences(index: torch.Tensor, probs: torch.Tensor, num_samples: int):

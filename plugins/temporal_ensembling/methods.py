@@ -10,7 +10,7 @@ from at_memorization.methods.pgd_at import PGDAT
 from at_memorization.methods.trades import TRADES, trades_kl
 from at_memorization.runtime import eval_mode
 
-from .loss import TELoss
+from .loss import TELoss, te_penalty
 
 TE_HYPERPARAMETERS = (
     Hyperparameter("te_momentum", float, 0.9, "TE: momentum of the per-sample prediction average"),
@@ -77,7 +77,7 @@ class TemporalEnsemblingMixin:
         if weight == 0.0:
             return None
         target = self.te.target(index)
-        return lambda logits: weight * (F.softmax(logits.float(), dim=1) - target).pow(2).mean()
+        return lambda logits: te_penalty(logits, target, weight)
 
     def on_epoch_start(self, epoch):
         return {"te_weight": self.te.weight(epoch)}
