@@ -67,6 +67,24 @@ _PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, OSError, ValueError, KeyErro
                   AttributeError, ImportError, OverflowError)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only (what CIFAR's python batches hold): a
+    diagnosis must not run code from a damaged or foreign file."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused: {module}.{name} is not a plain container or array")
+
+
+def _read_cifar_pickle(path: Path):
+    with open(path, "rb") as handle:
+        return _ArrayUnpickler(handle, encoding="latin1").load()
+
+
 def _cifar_md5_failure(dataset_cls, data_dir: Path) -> Path | None:
     """The first of a CIFAR set's files that is present but fails its md5 (None when one is missing)."""
     from torchvision.datasets.utils import check_integrity
@@ -84,8 +102,7 @@ def _cifar_batch_problem(dataset_cls, data_dir: Path, train: bool, num_classes: 
     for name, _ in (dataset_cls.train_list if train else dataset_cls.test_list):
         path = folder / name
         try:
-            with open(path, "rb") as handle:
-                entry = pickle.load(handle, encoding="latin1")
+            entry = _read_cifar_pickle(path)
             data = entry["data"]
             labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
             labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -102,8 +119,7 @@ def _cifar_batch_problem(dataset_cls, data_dir: Path, train: bool, num_classes: 
             return str(error)
     meta = folder / dataset_cls.meta["filename"]
     try:
-        with open(meta, "rb") as handle:
-            pickle.load(handle, encoding="latin1")[dataset_cls.meta["key"]]
+        _read_cifar_pickle(meta)[dataset_cls.meta["key"]]
     except _PICKLE_ERRORS as error:
         return f"{meta}: not a readable CIFAR meta file ({_reason(error)})"
     return None

@@ -2,7 +2,8 @@
 
 Two ``at-mem train`` processes writing one folder would interleave ``metrics.jsonl`` and overwrite
 each other's checkpoints, so the second one stops at once, naming the first. The lock is a plain
-file created with ``O_CREAT | O_EXCL``, which is atomic on local file systems and on NFSv3+.
+file created with ``O_CREAT | O_EXCL``, which is atomic on local file systems (on network file
+systems it depends on the server; not tested).
 
 A lock whose holder is gone does not block: on the same host a dead PID is detected and the lock
 is taken over (with a notice). A holder on another host cannot be checked from here, so such a

@@ -213,7 +213,10 @@ def test_fake_cifar10_loads(tmp_path, monkeypatch):
     (pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 12, 2]}),
      ["label 12 (at index 2) is outside [0, 10)"]),
     (pickle.dumps({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}), ["rows of 3072 bytes"]),
-], ids=["not-a-pickle", "count-mismatch", "label-out-of-range", "wrong-row-size"])
+    # a global other than NumPy's array reconstruction is refused, not imported or called
+    (pickle.dumps({"data": __import__("collections").OrderedDict(), "labels": [0]}),
+     ["not a readable CIFAR batch", "refused: collections.OrderedDict"]),
+], ids=["not-a-pickle", "count-mismatch", "label-out-of-range", "wrong-row-size", "foreign-global"])
 def test_unreadable_cifar_batch_is_named(tmp_path, monkeypatch, batch, words):
     folder = fake_cifar10(tmp_path, monkeypatch, batch)
     data_error(lambda: load_split("cifar10", tmp_path, train=True, size=2, download=False),

@@ -66,6 +66,16 @@ class Method:
                         for name, h in known.items()}
         self.notes: list[str] = []  # messages for the run's log (e.g. derived defaults)
 
+    # -- the attack object: built once per model by build_attack, reused at every step
+    def build_attack(self, model: torch.nn.Module):
+        raise NotImplementedError
+
+    def make_attack(self, model: torch.nn.Module):
+        """One attack object per model, built on first use (not once per step)."""
+        if getattr(self, "_attack", None) is None or self._attack.model is not model:
+            self._attack = self.build_attack(model)
+        return self._attack
+
     # -- the two halves of a training step
     def attack(self, model: torch.nn.Module, x, y, index, epoch: int) -> torch.Tensor:
         raise NotImplementedError

@@ -15,12 +15,9 @@ class PGDAT(Method):
     def attack(self, model, x, y, index, epoch):
         return self.make_attack(model)(x, y)
 
-    def make_attack(self, model) -> PenalizedPGD:
-        """One attack object per model, built on first use (not once per step)."""
-        if getattr(self, "_attack", None) is None or self._attack.model is not model:
-            s = self.setup
-            self._attack = PenalizedPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, random_start=True, norm=s.norm)
-        return self._attack
+    def build_attack(self, model) -> PenalizedPGD:
+        s = self.setup
+        return PenalizedPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, random_start=True, norm=s.norm)
 
     def loss(self, model, x, x_adv, y, index, epoch):
         logits_adv = model(x_adv)

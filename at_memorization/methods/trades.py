@@ -33,13 +33,9 @@ class TRADES(Method):
         if not self.beta >= 0:  # also NaN
             raise MethodError(f"{self.name}: --beta must be a number >= 0, got {self.beta}")
 
-    def make_attack(self, model) -> PenalizedTPGD:
-        """One attack object per model, built on first use (not once per step)."""
-        if getattr(self, "_attack", None) is None or self._attack.model is not model:
-            s = self.setup
-            self._attack = PenalizedTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, beta=self.beta,
-                                         norm=s.norm)
-        return self._attack
+    def build_attack(self, model) -> PenalizedTPGD:
+        s = self.setup
+        return PenalizedTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, beta=self.beta, norm=s.norm)
 
     def attack(self, model, x, y, index, epoch):
         return self.make_attack(model)(x, y)

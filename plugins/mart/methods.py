@@ -33,12 +33,9 @@ class MART(Method):
         if not self.beta >= 0:  # also NaN
             raise MethodError(f"{self.name}: --mart-beta must be a number >= 0, got {self.beta}")
 
-    def make_attack(self, model) -> MARTPGD:
-        """One attack object per model, built on first use (not once per step)."""
-        if getattr(self, "_attack", None) is None or self._attack.model is not model:
-            s = self.setup
-            self._attack = MARTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps)
-        return self._attack
+    def build_attack(self, model) -> MARTPGD:
+        s = self.setup
+        return MARTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps)
 
     def attack(self, model, x, y, index, epoch):
         # torchattacks puts the model in eval mode for the attack and restores it, as mart.py does
