@@ -15,6 +15,7 @@ import io
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -83,6 +84,22 @@ def save_atomic(obj, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     _write_atomic(path, "wb", lambda handle: handle.write(buffer.getbuffer()))
+
+
+def save_keeping_previous(obj, path: str | Path, previous: str | Path) -> None:
+    """``save_atomic`` to ``path``, first keeping the file it replaces as ``previous`` (a hard link,
+    so no copy): a resume can fall back to it if the new file turns out unreadable."""
+    path, previous = Path(path), Path(previous)
+    if path.is_file() and not (previous.is_file() and os.path.samefile(path, previous)):
+        link = path.parent / f".{previous.name}.{os.getpid()}.tmp"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path, link)
+        os.replace(link, previous)
+        link.unlink(missing_ok=True)  # rename() between two links of one file leaves both names
+    save_atomic(obj, path)
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:

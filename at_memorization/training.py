@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -519,18 +518,7 @@ class Trainer:
             handle.write(json.dumps(line) + "\n")
 
     def _save_last(self, state: dict) -> None:
-        """Keep the previous last.pt as last-prev.pt (a hard link: no copy), then write last.pt atomically."""
-        last, previous = self.out_dir / "last.pt", self.out_dir / "last-prev.pt"
-        if last.is_file() and not (previous.is_file() and os.path.samefile(last, previous)):
-            link = self.out_dir / f".last-prev.pt.{os.getpid()}.tmp"
-            link.unlink(missing_ok=True)
-            try:
-                os.link(last, link)
-            except OSError:  # file systems without hard links
-                shutil.copyfile(last, link)
-            os.replace(link, previous)
-            link.unlink(missing_ok=True)  # rename() between two links of one file leaves both names
-        ckpt.save_atomic(state, last)
+        ckpt.save_keeping_previous(state, self.out_dir / "last.pt", self.out_dir / "last-prev.pt")
 
     def _rewrite_metrics(self) -> None:
         ckpt.write_text_atomic("".join(json.dumps(r) + "\n" for r in self.history), self.out_dir / "metrics.jsonl")
