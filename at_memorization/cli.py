@@ -158,7 +158,7 @@ class _ProgressCallbacks:
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available].")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for attack and update (fp32 weights).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
-@click.option("--compile", "compile", is_flag=True, help="torch.compile the model for attack and update (slow first steps).")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the model for attack and update, with CUDA graphs on a GPU (slow first steps).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", default=None, help="Run directory [default: runs/<method>-<dataset>-<model>-s<seed>].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,

@@ -127,13 +127,22 @@ def test_bf16_autocast_trains_like_fp32_and_keeps_the_ensemble_fp32(mnist, tmp_p
 
 def test_compile_gives_the_eager_result(mnist, tmp_path, monkeypatch):
     # aot_eager: dynamo tracing and AOTAutograd as with inductor, without generating C++ code.
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    calls = []
+    real_compile = torch.compile
+
+    def compile_recorded(model, **kwargs):
+        calls.append(kwargs)
+        return real_compile(model, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
     torch._dynamo.reset()
-    small = _subset(mnist, 256)
+    small = _subset(mnist, 250)  # a smaller last batch: a second input shape
     common = dict(method="pgd-at-te", method_args=dict(TE_ARGS), epochs=1)
     eager, h_eager = _fit(tmp_path / "eager", small, **common)
     compiled, h_compiled = _fit(tmp_path / "compiled", small, compile=True, **common)
     assert compiled.attack_model is not compiled.model  # the compiled wrapper was used
+    # Static graphs (the last batch gets its own), and CUDA graphs only on a GPU: on the CPU, no mode.
+    assert calls == [{"mode": None, "dynamic": False}]
     assert abs(h_eager[0]["train_loss"] - h_compiled[0]["train_loss"]) < 1e-3 * abs(h_eager[0]["train_loss"])
     assert abs(h_eager[0]["test_robust_acc"] - h_compiled[0]["test_robust_acc"]) <= 2 / 256
     for (key, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu" / "suite.py"
 COLLECT = ROOT / "benchmarks" / "gpu" / "collect.py"
-METHODS = ("pgd-at", "pgd-at-te", "trades", "trades-te")
+METHODS = ("pgd-at", "pgd-at-te", "trades", "trades-te", "pgd-at-awp", "trades-awp", "pgd-at-te-awp", "mart")
 
 
 def _suite(*args, mnist_dir, timeout=600):
@@ -63,12 +63,41 @@ def test_check_stage_records_tests_agreement_runs_and_evaluation(tiny_run):
 
 
 @pytest.mark.slow
+def test_profile_stage_counts_host_operators_per_step(tiny_run):
+    out, _ = tiny_run
+    step = _load(out, "profile")["steps"]["profile_pgd-at"]
+    assert step["ok"]
+    eager = step["profile"]["variants"]["eager"]
+    assert eager["steps"] == 2 and eager["wall_ms_per_step"] > 0
+    # On a CPU there are no kernel launches to count, but the host operators are (attack, loss, update).
+    assert eager["kernel_launches_per_step"] == 0 and eager["host_ops_per_step"] > 50
+    assert eager["top_host_ops"] and eager["busy_fraction"] is None
+
+
+def test_only_runs_the_named_steps_of_the_named_stages(mnist_dir, tmp_path):
+    done = _suite("check,profile", "--tiny", "--only", "profile_pgd-at", "--out", tmp_path, "--budget-s", 300,
+                  mnist_dir=mnist_dir, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert list(check["steps"]) == ["environment"] and check["skipped"]["cuda_tests"] == "not selected (--only)"
+    assert list(json.loads((tmp_path / "profile.json").read_text())["steps"]) == ["profile_pgd-at"]
+    assert not (tmp_path / "speed.json").exists()
+    wrong = _suite("check,warp", "--tiny", "--out", tmp_path, mnist_dir=mnist_dir, timeout=60)
+    assert wrong.returncode == 2 and "unknown stage warp" in wrong.stderr
+
+
+@pytest.mark.slow
 def test_speed_stage_summarizes_package_against_reference(tiny_run):
     out, _ = tiny_run
     record = _load(out, "speed")
-    assert set(record["steps"]) == {"fp32", "bf16_channels_last"}  # no compile variant in the dry run
+    assert set(record["steps"]) == {"train_compile_vs_eager", "fp32", "bf16_channels_last"}  # no compile bench
+    check = record["steps"]["train_compile_vs_eager"]
+    assert all(run["ok"] and len(run["metrics"]) == 2 for run in check["runs"].values())
+    assert "--compile" in check["runs"]["compile"]["command"] and "--compile" not in check["runs"]["eager"]["command"]
+    assert check["last_epoch_speedup"] == pytest.approx(
+        check["runs"]["eager"]["metrics"][-1]["train_seconds"] / check["runs"]["compile"]["metrics"][-1]["train_seconds"])
     table = record["summary"]["images_per_s"]
-    assert set(table) == set(METHODS)
+    assert set(table) == set(METHODS[:4])  # the benchmark's reference loop covers the four TE-paper methods
     for method, row in table.items():
         assert row["fp32"] > 0 and row["bf16_channels_last"] > 0 and row["reference_fp32"] > 0, method
         raw = record["steps"]["fp32"]["benchmark"]["methods"][method]
@@ -99,8 +128,13 @@ def test_collect_copies_under_the_device_name(tiny_run, tmp_path):
     assert done.returncode == 0, done.stderr
     (folder,) = tmp_path.iterdir()
     assert folder.name.startswith("gpu-cpu-")
-    assert {p.name for p in folder.iterdir()} == {"check.json", "speed.json", "reproduce.json", "runs.tar.gz"}
+    assert {p.name for p in folder.iterdir()} == {"check.json", "profile.json", "speed.json", "reproduce.json",
+                                                  "runs.tar.gz"}
     assert "check on cpu" in done.stdout and "pgd-at:" in done.stdout
+    again = subprocess.run([sys.executable, str(COLLECT), str(out), "--results", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr  # a second lease the same day: a new folder, the first kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name, f"{folder.name}-2"]
 
 
 def test_a_spent_budget_skips_every_step_and_says_why(mnist_dir, tmp_path):

@@ -3,7 +3,7 @@
 
     python benchmarks/gpu/collect.py FILES_AT [--results benchmarks/results]
 
-FILES_AT is the folder the device tool's reply names (the suite's --out: check.json, speed.json,
+FILES_AT is the folder the device tool's reply names (the suite's --out: check.json, profile.json, speed.json,
 reproduce.json, suite.log, runs.tar.gz). The folder name carries the device name from the JSON,
 so results from different cards never mix. Prints a short summary to paste into notes.
 """
@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-FILES = ("check.json", "speed.json", "reproduce.json", "suite.log", "runs.tar.gz")
+FILES = ("check.json", "profile.json", "speed.json", "reproduce.json", "suite.log", "runs.tar.gz")
 
 
 def slug(text: str) -> str:
@@ -27,7 +27,7 @@ def slug(text: str) -> str:
 
 def summary(folder: Path) -> list[str]:
     lines = []
-    for name in ("check", "speed", "reproduce"):
+    for name in ("check", "profile", "speed", "reproduce"):
         path = folder / f"{name}.json"
         if not path.exists():
             lines.append(f"{name}: not run")
@@ -46,6 +46,11 @@ def summary(folder: Path) -> list[str]:
         for row in record.get("summary", {}).get("epoch_estimate") or []:
             mfu = f", MFU {row['mfu_vs_bf16_peak']:.1%}" if row.get("mfu_vs_bf16_peak") else ""
             lines.append(f"  {row['model']} batch {row['batch_size']}: {row['seconds_per_cifar10_epoch']:.1f} s/epoch{mfu}")
+        for step in steps.values():
+            for variant, row in ((step.get("profile") or {}).get("variants") or {}).items() if isinstance(step, dict) else ():
+                lines.append(f"  {variant}: " + (row["error"] if "error" in row else
+                             f"{row['wall_ms_per_step']:.1f} ms/step, {row['kernel_launches_per_step']:.0f} kernel "
+                             f"launches/step, device busy {row['device_busy_ms_per_step']:.1f} ms/step"))
     return lines
 
 
@@ -64,8 +69,12 @@ def main(argv=None) -> int:
         if path.suffix == ".json":
             device = json.loads(path.read_text()).get("device_name") or device
             break
-    target = Path(args.results) / f"gpu-{slug(device)}-{datetime.date.today().isoformat()}"
-    target.mkdir(parents=True, exist_ok=True)
+    base = Path(args.results) / f"gpu-{slug(device)}-{datetime.date.today().isoformat()}"
+    target, number = base, 1
+    while target.exists():  # a second lease on the same day must not overwrite the first one's results
+        number += 1
+        target = base.with_name(f"{base.name}-{number}")
+    target.mkdir(parents=True)
     for path in found:
         shutil.copyfile(path, target / path.name)
     print(f"copied {len(found)} files to {target}")

@@ -2,7 +2,7 @@
 # On the device machine (bare: Python 3.12 with torch, no torchattacks/robustbench/pyautoattack):
 # install the wheels carried in .whl/, unpack the data carried in .gpu-data/, run the suite's
 # STAGE within BUDGET_S seconds, writing JSON and the log into $OUT (what comes back).
-# Usage (from the repository root): bash benchmarks/gpu/run_on_device.sh STAGE BUDGET_S
+# Usage (from the repository root): bash benchmarks/gpu/run_on_device.sh STAGE BUDGET_S [suite options, e.g. --only ...]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STAGE="${1:-all}"
@@ -30,6 +30,6 @@ fi
 export AT_MEM_SHARED_DATA="$PWD/.gpu-data"
 left=$(( BUDGET - ($(date +%s) - started) ))
 echo "set-up took $(( $(date +%s) - started )) s; suite budget ${left} s"
-$PY -P benchmarks/gpu/suite.py "$STAGE" --out "$OUT" --work /tmp/gpu-suite-work --cifar-dir "$DATA/cifar10-jpg" --budget-s "$left" 2>&1 \
+$PY -P benchmarks/gpu/suite.py "$STAGE" --out "$OUT" --work /tmp/gpu-suite-work --cifar-dir "$DATA/cifar10-jpg" --budget-s "$left" "${@:3}" 2>&1 \
   | tee -a "$OUT/suite.log"
 exit "${PIPESTATUS[0]}"

@@ -3,8 +3,10 @@
 
     python benchmarks/gpu/suite.py STAGE --out DIR [--cifar-dir DIR] [--budget-s S] [--tiny]
 
-STAGE is ``check``, ``speed``, ``reproduce`` or ``all`` (the three in that order, the most valuable
-first, so a lease cut short still leaves the most useful results). Each stage writes
+STAGE is ``check``, ``profile``, ``speed``, ``reproduce``, several of them joined by commas, or
+``all`` (the four in that order, the most valuable first, so a lease cut short still leaves the
+most useful results). ``--only STEP,STEP`` runs just the named steps (the environment is always
+recorded); the others are recorded as skipped, "not selected". Each stage writes
 ``DIR/<stage>.json`` after every step (a kill keeps what finished) and never runs a step it has
 no time left for: ``--budget-s`` is the time for everything, and a step that would start with
 less than its minimum left is recorded as skipped, with the reason.
@@ -13,7 +15,12 @@ less than its minimum left is recorded as skipped, with the reason.
   (``pytest -m cuda``), bf16+channels_last against fp32 on the same 200 steps from the same
   initial weights, a 2-epoch run of each method with ``--bf16 --channels-last``, and
   ``at-mem evaluate --attack all`` (AutoAttack included) on 1,000 test points of one of them.
-- ``speed``: ``benchmarks/bench_train.py``: the package against the paper-style fp32 reference
+  The methods include the plugins AWP (pgd-at-awp, trades-awp, pgd-at-te-awp) and MART.
+- ``profile``: ``benchmarks/profile_step.py``: kernel launches, device-busy time and the top
+  operators of a PGD-AT step, eager, compiled, and compiled with CUDA graphs (step ``profile_pgd-at``).
+- ``speed``: ``train_compile_vs_eager`` (``at-mem train`` PGD-AT with and without ``--compile`` on
+  10,000 images, whose last batch is smaller; the last epoch's seconds compared), then
+  ``benchmarks/bench_train.py``: the package against the paper-style fp32 reference
   loop in fp32, in bf16+channels_last (with seconds per epoch and MFU of PreActResNet-18 and
   WRN-34-10 at batch 128 and 512), and with ``--compile``.
 - ``reproduce``: the 30-epoch robust-overfitting runs of docs/REPRODUCTION.md (PGD-AT and PGD-AT+TE
@@ -40,8 +47,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("check", "speed", "reproduce")
+STAGES = ("check", "profile", "speed", "reproduce")
 METHODS = ("pgd-at", "pgd-at-te", "trades", "trades-te")
+PLUGIN_METHODS = ("pgd-at-awp", "trades-awp", "pgd-at-te-awp", "mart")
 PACKAGES = ("at-memorization", "torch", "torchvision", "torchattacks", "robustbench", "pyautoattack", "timm",
             "click", "numpy")
 
@@ -137,6 +145,9 @@ class Settings:
                           "--repeats", "1", "--steps", "2", "--threads", "1"]
             self.estimate = ["--estimate-models", "smallcnn", "--estimate-batches", "16"]
             self.compile_methods = []
+            self.compile_check = dict(train_size=70, test_size=32, batch_size=16, steps=2, epochs=2)
+            self.profile = ["--model", "smallcnn", "--batch-size", "16", "--iters", "2", "--steps", "2",
+                            "--warmup", "1", "--variants", "eager"]
             self.reproduce = dict(train_size=64, test_size=32, batch_size=16, steps=2, epochs=2)
             self.reproduce_eval_n, self.reproduce_attacks = 32, ["clean", "pgd20"]
             self.reproduce_methods = METHODS[:2]
@@ -156,6 +167,9 @@ class Settings:
                           "--repeats", "3"]
             self.estimate = []  # bench_train's default: preactresnet18 and wrn34_10 at batch 128 and 512
             self.compile_methods = ["pgd-at", "pgd-at-te"]
+            # 10,000 = 78 x 128 + 16: an epoch with a smaller last batch, as a real run has
+            self.compile_check = dict(train_size=10_000, test_size=500, batch_size=128, steps=10, epochs=3)
+            self.profile = ["--model", "preactresnet18", "--batch-size", "128", "--iters", "10"]
             self.reproduce = dict(train_size=None, test_size=None, batch_size=128, steps=10, epochs=30)
             self.reproduce_eval_n, self.reproduce_attacks = 1000, ["all"]
             self.reproduce_methods = METHODS
@@ -175,8 +189,9 @@ class Settings:
 class Stage:
     """One stage's JSON record, rewritten after every step."""
 
-    def __init__(self, name: str, out: Path, work: Path, settings: Settings, budget: Budget):
-        self.name, self.out, self.settings, self.budget = name, out, settings, budget
+    def __init__(self, name: str, out: Path, work: Path, settings: Settings, budget: Budget,
+                 only: set[str] | None = None):
+        self.name, self.out, self.settings, self.budget, self.only = name, out, settings, budget, only
         self.work = work
         self.work.mkdir(parents=True, exist_ok=True)
         self.record = {"stage": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -189,6 +204,10 @@ class Stage:
 
     def can_start(self, step: str, minimum: float | None = None) -> bool:
         minimum = self.settings.min_step_s if minimum is None else minimum
+        if self.only is not None and step not in self.only:
+            self.record["skipped"][step] = "not selected (--only)"
+            self.save()
+            return False
         if self.budget.left() < minimum:
             self.record["skipped"][step] = f"{self.budget.left():.0f} s left of the budget, under this step's {minimum:.0f} s"
             print(f"  skipped {step}: {self.record['skipped'][step]}", flush=True)
@@ -233,7 +252,7 @@ def stage_check(stage: Stage) -> None:
                                       "speedup_train_seconds": (a.get("train_seconds") or 0) / b["train_seconds"]
                                       if b.get("train_seconds") else None})
 
-    for method in METHODS:
+    for method in (*METHODS, *PLUGIN_METHODS):
         step = f"two_epochs_{method}"
         if not stage.can_start(step):
             continue
@@ -253,9 +272,35 @@ def stage_check(stage: Stage) -> None:
         stage.done("evaluate_all", result)
 
 
+def stage_profile(stage: Stage) -> None:
+    s = stage.settings
+    stage.record["device_name"] = environment().get("device_name")
+    if not stage.can_start("profile_pgd-at"):
+        return
+    path = stage.work / "profile-pgd-at.json"
+    result = run([sys.executable, "-P", str(ROOT / "benchmarks" / "profile_step.py"), "--device", s.device,
+                  *s.bench_data, *s.profile, "--output", str(path)], cwd=ROOT, timeout=stage.budget.left())
+    result["profile"] = json.loads(path.read_text()) if path.exists() else None
+    stage.done("profile_pgd-at", result)
+
+
 def stage_speed(stage: Stage) -> None:
     s = stage.settings
     stage.record["device_name"] = environment().get("device_name")
+    if stage.can_start("train_compile_vs_eager"):
+        # The open question of the second lease (docs/benchmarks.md): does `at-mem train --compile`
+        # gain in an epoch with a smaller last batch, as it does in the benchmark's full batches?
+        runs = {}
+        for label, extra in (("eager", []), ("compile", ["--compile"])):
+            out = stage.work / f"compile-check-{label}"
+            result = at_mem(*s.train_args("pgd-at", out, s.compile_check, "--bf16", "--channels-last", *extra),
+                            cwd=stage.work, timeout=stage.budget.left())
+            result["metrics"] = read_metrics(out)
+            runs[label] = result
+        last = {k: (r["metrics"][-1].get("train_seconds") if r["metrics"] else None) for k, r in runs.items()}
+        stage.done("train_compile_vs_eager", {
+            "runs": runs, "last_epoch_train_seconds": last,
+            "last_epoch_speedup": last["eager"] / last["compile"] if all(last.values()) else None})
     bench = [sys.executable, "-P", str(ROOT / "benchmarks" / "bench_train.py"), "--device", s.device, *s.bench_data,
              *s.bench]
     variants = [("fp32", []),
@@ -323,12 +368,12 @@ def pack_runs(path: Path, work: Path) -> None:
     os.replace(tmp, path)
 
 
-STAGE_FUNCTIONS = {"check": stage_check, "speed": stage_speed, "reproduce": stage_reproduce}
+STAGE_FUNCTIONS = {"check": stage_check, "profile": stage_profile, "speed": stage_speed, "reproduce": stage_reproduce}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=[*STAGES, "all"])
+    parser.add_argument("stage", help=f"one of {', '.join(STAGES)}, several joined by commas, or all")
     parser.add_argument("--out", required=True, help="folder for <stage>.json, runs.tar.gz and scratch runs")
     parser.add_argument("--work", help="folder for the runs and checkpoints (default OUT/work; on the device keep it "
                                        "outside the folder that comes back)")
@@ -336,7 +381,13 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for everything (default 540)")
     parser.add_argument("--device", help="default: cuda, or cpu with --tiny (full settings on a CPU take hours)")
     parser.add_argument("--tiny", action="store_true", help="CPU, MNIST, a small CNN, a few images: a dry run")
+    parser.add_argument("--only", help="run just these steps (comma-separated names as in the JSON's steps)")
     args = parser.parse_args(argv)
+    stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
+    unknown = [name for name in stages if name not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage {', '.join(unknown)}; choose from {', '.join(STAGES)} or all")
+    only = set(args.only.split(",")) if args.only else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(args.tiny, args.cifar_dir, args.device)
@@ -348,8 +399,8 @@ def main(argv=None) -> int:
             return 2
     budget = Budget(args.budget_s)
     failed = []
-    for name in (STAGES if args.stage == "all" else (args.stage,)):
-        stage = Stage(name, out, Path(args.work) if args.work else out / "work", settings, budget)
+    for name in stages:
+        stage = Stage(name, out, Path(args.work) if args.work else out / "work", settings, budget, only)
         try:
             STAGE_FUNCTIONS[name](stage)
         except Exception as error:  # record it and go on: a later stage may still work

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Where a training step's time goes: kernel launches, device-busy time and the top operators.
+
+Tests the hypothesis in docs/benchmarks.md that a PGD-AT step of PreActResNet-18 at batch 128 is
+bound by kernel launches (the host cannot issue kernels as fast as the GPU runs them), and what a
+compiled model changes. For each variant it runs the package's own ``Trainer.train_epoch`` over
+``--iters`` batches once untimed, then once under ``torch.profiler``, and records per step:
+
+- ``wall_ms``: host wall time of a step (synchronised at the ends of the pass);
+- ``kernel_launches``: CUDA kernel launches issued by the host (``cudaLaunchKernel`` and kin), and
+  ``graph_launches`` (``cudaGraphLaunch``: one per replayed CUDA graph);
+- ``device_busy_ms``: summed time of the kernels themselves; ``busy_fraction`` = busy / wall. A
+  launch-bound step has a low busy fraction: the GPU waits for the host;
+- the ten operators with the most device time and the ten with the most host time.
+
+Variants: ``eager`` (bf16 + channels_last, the package's fast path), ``compile`` (the same with
+``--compile``: ``torch.compile`` default mode) and ``compile_cudagraphs`` (``mode="reduce-overhead"``,
+CUDA graphs: many kernels, one launch). A variant that fails records its error and the others go on.
+
+    python benchmarks/profile_step.py --device cuda --dataset imagefolder --data-dir DIR --output out.json
+    python benchmarks/profile_step.py --device cpu --dataset mnist --data-dir ../shared/data/mnist \\
+        --model smallcnn --batch-size 16 --iters 2 --steps 2 --variants eager --output /tmp/p.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import device_name, make_data, package_trainer, sync, versions  # noqa: E402
+
+from at_memorization.data import DATASETS  # noqa: E402
+from at_memorization.checkpoint import write_text_atomic  # noqa: E402
+
+VARIANTS = ("eager", "compile", "compile_cudagraphs")
+LAUNCH_NAMES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaLaunchCooperativeKernel")
+
+
+def top_ops(events, key: str, n: int = 10) -> list[dict]:
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:n]
+    return [{"name": e.key, "calls": e.count, "self_device_ms": e.self_device_time_total / 1e3,
+             "self_host_ms": e.self_cpu_time_total / 1e3} for e in rows]
+
+
+def profile_variant(variant: str, args, bundle, out_root) -> dict:
+    args.compile = variant != "eager"
+    trainer = package_trainer(args.method, args.model, bundle, args, out_root)
+    try:
+        if variant == "compile_cudagraphs":  # the package's --compile uses the default mode
+            compiled = torch.compile(trainer.model, mode="reduce-overhead")
+            trainer.attack_model = trainer.train_model = compiled
+        steps = len(bundle.train) // args.batch_size
+        started = time.perf_counter()
+        for _ in range(args.warmup):  # compilation, cuDNN autotuning, CUDA-graph recording
+            trainer.train_epoch(2)
+        sync(args.device)
+        warmup_s = time.perf_counter() - started
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            sync(args.device)
+            start = time.perf_counter()
+            trainer.train_epoch(2)
+            sync(args.device)
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if e.key in LAUNCH_NAMES)
+        graphs = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+        # Device time of the kernels themselves: the device-side events, not the host-side launch records.
+        busy_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        result = {"steps": steps, "warmup_seconds": warmup_s, "wall_ms_per_step": wall / steps * 1e3,
+                  "kernel_launches_per_step": launches / steps, "graph_launches_per_step": graphs / steps,
+                  "host_ops_per_step": sum(e.count for e in events
+                                           if e.device_type == torch.autograd.DeviceType.CPU) / steps,
+                  "device_busy_ms_per_step": busy_us / 1e3 / steps,
+                  "busy_fraction": (busy_us / 1e6) / wall if args.device.type == "cuda" else None,
+                  "images_per_s": steps * args.batch_size / wall,
+                  "top_device_ops": top_ops(events, "self_device_time_total") if args.device.type == "cuda" else [],
+                  "top_host_ops": top_ops(events, "self_cpu_time_total")}
+        print(f"{variant:20s} {result['wall_ms_per_step']:7.1f} ms/step, {result['kernel_launches_per_step']:6.0f} "
+              f"kernel launches/step, {result['graph_launches_per_step']:.0f} graph launches/step, device busy "
+              f"{result['device_busy_ms_per_step']:.1f} ms/step"
+              + (f" ({result['busy_fraction']:.0%})" if result["busy_fraction"] is not None else ""), flush=True)
+        return result
+    except Exception as error:  # noqa: BLE001 - a failed variant is a result; the next one still runs
+        print(f"{variant}: failed: {type(error).__name__}: {error}", flush=True)
+        return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
+    finally:
+        trainer.close()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="preactresnet18")
+    parser.add_argument("--method", default="pgd-at")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="attack steps (PGD-10 by default)")
+    parser.add_argument("--eps", type=float, default=8 / 255)
+    parser.add_argument("--step-size", type=float, default=2 / 255)
+    parser.add_argument("--iters", type=int, default=10, help="training steps profiled")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed passes before the profiled one")
+    parser.add_argument("--dataset", default="cifar10", choices=list(DATASETS))
+    parser.add_argument("--data-dir", default="../shared/data/cifar10-jpg/cifar10-jpg")
+    parser.add_argument("--random-data", action="store_true")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 instead of bf16 autocast")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cpu":
+        args.bf16 = False  # bf16 autocast is 3x slower on CPUs (docs/benchmarks.md); profile the fast path
+    torch.manual_seed(0)
+    out_root = tempfile.mkdtemp(prefix="profile-step-")
+    bundle, source = make_data(args, args.batch_size * args.iters)
+    results = {"device": device_name(args.device), "versions": versions(), "data": source,
+               "settings": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()
+                            if k not in ("output", "compile")},
+               "variants": {}}
+    for variant in args.variants:
+        results["variants"][variant] = profile_variant(variant, args, bundle, out_root)
+        if args.output:
+            write_text_atomic(json.dumps(results, indent=2) + "\n", args.output)
+    return results
+
+
+if __name__ == "__main__":
+    main()
