@@ -155,6 +155,7 @@ def cw30(model, eps: float = 8 / 255, norm: str = "Linf"):
     return CWLinf(model, eps=eps, alpha=alpha, steps=30, norm=norm)
 
 
-def training_pgd(model, eps: float, step_size: float, steps: int, norm: str = "Linf"):
-    """The attack used for per-epoch test robust accuracy during training."""
+def selection_pgd(model, eps: float, step_size: float, steps: int, norm: str = "Linf"):
+    """The per-epoch test attack of a training run (``--eval-steps`` PGD steps of the training step
+    size): it measures ``test_robust_acc`` each epoch, which selects ``best.pt``."""
     return PenalizedPGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True, norm=norm)

@@ -3,10 +3,16 @@
 Layout (``FORMAT_VERSION`` 1)::
 
     {"format": "at-memorization", "format_version": 1,
-     "model": state_dict (fp32), "model_name": str, "num_classes": int, "in_chans": int,
-     "dataset": str, "optimizer": state_dict, "scheduler": {"lr": float},
-     "method": {"name": str, "config": {...}, "state": {...}},
-     "epoch": int, "config": {...}, "rng": {...}, "best": {...}, "history": [metrics per epoch]}
+     "model": state_dict (fp32), "model_name": str, "num_classes": int, "in_chans": int, "img_size": int,
+     "dataset": str, "optimizer": state_dict, "scheduler": {"kind": str, "lr": float},
+     "method": {"name": str, "config": {the method's resolved settings}, "state": {...}},
+     "epoch": int, "config": {the RunConfig}, "rng": {...}, "rng_per_rank": [{...}, ...],
+     "best": {...}, "history": [metrics per epoch], "data_fingerprint": str,
+     "partial": {...}  (only in a mid-epoch last.pt: the epoch loop's state)}
+
+``make_checkpoint`` assembles it, ``save_keeping_previous``/``save_atomic`` write it,
+``load_checkpoint`` reads and checks it, ``load_resumable`` picks the file a run resumes from, and
+``run_setting`` reads a run setting with the defaults stated once (``RunConfig``).
 """
 
 from __future__ import annotations
@@ -165,6 +171,23 @@ def _check_types(obj: dict, path: Path) -> None:
                                   f"{key!r} is a {type(value).__name__}")
 
 
+def make_checkpoint(*, model: torch.nn.Module, model_name: str, num_classes: int, in_chans: int, img_size: int,
+                    dataset: str, optimizer_state: dict, schedule: str, lr: float, method_name: str,
+                    method_settings: dict, method_state: dict, epoch: int, config: dict, rng_states: list[dict],
+                    best: dict, history: list[dict], data_fingerprint: str | None) -> dict:
+    """A training checkpoint in the layout above (the one place it is assembled; ``load_checkpoint``
+    is the one place it is read). ``rng_states``: every process's generator states, rank 0's first."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model": cpu_state_dict(model), "model_name": model_name, "num_classes": num_classes,
+        "in_chans": in_chans, "img_size": img_size, "dataset": dataset,
+        "optimizer": optimizer_state, "scheduler": {"kind": schedule, "lr": lr},
+        "method": {"name": method_name, "config": dict(method_settings), "state": method_state},
+        "epoch": epoch, "config": config, "rng": rng_states[0], "rng_per_rank": rng_states,
+        "best": dict(best), "history": list(history), "data_fingerprint": data_fingerprint,
+    }
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load one of our checkpoints safely, or raise CheckpointError with a one-line reason.
 
@@ -187,6 +210,26 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
     _check_types(obj, path)
     return obj
+
+
+def load_resumable(run_dir: str | Path, last: str = "last.pt", previous: str = "last-prev.pt",
+                   map_location="cpu") -> tuple[Path, dict, str | None]:
+    """The checkpoint a run resumes from: ``last.pt``, else ``last-prev.pt`` (the one before it, kept
+    by ``save_keeping_previous``). Returns (path, state, why the newest was passed over or None);
+    with neither readable, a CheckpointError that names ``best.pt`` as the last resort."""
+    run_dir = Path(run_dir)
+    errors = []
+    for path in (run_dir / last, run_dir / previous):
+        if not path.is_file():
+            continue
+        try:
+            return path, load_checkpoint(path, map_location=map_location), (errors[0] if errors else None)
+        except CheckpointError as error:
+            errors.append(str(error))
+    best = run_dir / "best.pt"
+    resort = (f"; {best} may still be readable: copy it to {run_dir / last} to resume from its epoch"
+              if best.is_file() else "")
+    raise CheckpointError(f"--resume: no readable checkpoint in {run_dir} ({'; '.join(errors)}){resort}")
 
 
 def run_setting(state: dict, key: str):

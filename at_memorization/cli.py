@@ -19,7 +19,7 @@ from . import _quiet  # noqa: F401  (first: keeps third-party deprecation warnin
 from . import __version__
 from .checkpoint import write_text_atomic
 from .data import DATASETS, INPUT_NOISE_KINDS
-from .methods import discover
+from .methods import TrainingSetup, discover
 from .methods.registry import all_hyperparameters
 from .models import model_names
 from .training import PRESETS, resolved_method_settings
@@ -64,12 +64,15 @@ def main():
 # --------------------------------------------------------------------------- methods
 @main.command("methods")
 def methods_command():
-    """List the installed training methods and where each comes from."""
+    """List the installed training methods, where each comes from, and each one's settings with
+    their defaults for the paper's 200 epochs (some, such as TE's schedule, scale with --epochs)."""
+    paper_setup = TrainingSetup(num_samples=1, num_classes=10, epochs=200)
     for entry in discover().values():
         try:
             cls = entry.load()
             description = cls.description
-            options = " ".join(h.flag for h in cls.hyperparameters)
+            defaults = cls(paper_setup).settings
+            options = " ".join(f"{h.flag} {defaults.get(h.name)!s}" for h in cls.hyperparameters)
         except Exception as error:  # a broken plugin is reported, not fatal
             description, options = f"(fails to load: {type(error).__name__}: {error})", ""
         click.echo(f"{entry.name:12s} {entry.distribution} ({entry.module})")
@@ -122,7 +125,7 @@ class _ProgressCallbacks:
         self.close_bar()
         if self.silent:
             return
-        extra = "".join(f" {k}={record[k]:.4g}" for k in ("te_weight", "grad_norm") if k in record)
+        extra = "".join(f" {k}={record[k]:.4g}" for k in ("te_weight_now", "awp_gamma_now", "grad_norm") if k in record)
         click.echo(f"epoch {record['epoch']}: loss {record['train_loss']:.4f} "
                    f"test clean {record['test_clean_acc']:.4f} robust {record['test_robust_acc']:.4f} "
                    f"({record['train_seconds']:.1f}s){extra}")

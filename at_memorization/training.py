@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .attacks import training_pgd
+from .attacks import selection_pgd
 from .data import AUGMENTATIONS, DataBundle, epoch_batches, load_data, to_float
 from .evaluation import correct_flags, default_batch_size
 from .methods import MethodError, TrainingSetup, get_method
@@ -136,51 +136,52 @@ class RunConfig:
 
     def validate(self) -> None:
         problems = []
-        if any(getattr(self, key) is None for key in (*DERIVED_DEFAULTS, "milestones")):
-            self = self.resolve()
+        # the checks read resolved values (weight decay, milestones, ...), not the unresolved Nones
+        unresolved = any(getattr(self, key) is None for key in (*DERIVED_DEFAULTS, "milestones"))
+        config = self.resolve() if unresolved else self
         for name in ("lr", "momentum", "weight_decay", "lr_gamma", "eps", "step_size", "label_noise",
                      "input_noise_fraction", "drop_rate"):
-            value = getattr(self, name)
+            value = getattr(config, name)
             if isinstance(value, float) and not math.isfinite(value):
                 label = {"lr": "learning rate"}.get(name, name.replace("_", " "))
                 problems.append(f"{label} must be a finite number, got {value}")
-        for name, value in self.method_args.items():
+        for name, value in config.method_args.items():
             if isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-        if self.eps < 0:
-            problems.append(f"eps must be >= 0, got {self.eps}")
-        if self.step_size < 0:
-            problems.append(f"step size must be >= 0, got {self.step_size}")
-        if self.steps < 0:
-            problems.append(f"steps must be >= 0, got {self.steps}")
-        if not 0.0 <= self.label_noise <= 1.0:
-            problems.append(f"label noise must be in [0, 1], got {self.label_noise}")
-        if not 0.0 <= self.input_noise_fraction <= 1.0:
-            problems.append(f"input noise fraction must be in [0, 1], got {self.input_noise_fraction}")
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if not 0.0 <= self.momentum < 1.0:
-            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.eval_steps < 0:
-            problems.append(f"eval steps must be >= 0, got {self.eval_steps}")
-        if self.eval_train_size < 0:
-            problems.append(f"eval train size must be >= 0, got {self.eval_train_size}")
-        if any(m < 1 for m in self.milestones):
-            problems.append(f"milestones must be epochs >= 1, got {self.milestones}")
-        if self.batch_size < 1:
-            problems.append(f"batch size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            problems.append(f"learning rate must be > 0, got {self.lr}")
-        if self.lr_gamma <= 0:
-            problems.append(f"lr gamma must be > 0, got {self.lr_gamma}")
-        if self.weight_decay < 0:
-            problems.append(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.drop_rate is not None and not 0.0 <= self.drop_rate < 1.0:
-            problems.append(f"drop rate must be in [0, 1), got {self.drop_rate}")
-        if self.norm not in ("Linf", "L2"):
-            problems.append(f"norm must be Linf or L2, got {self.norm!r}")
+        if config.eps < 0:
+            problems.append(f"eps must be >= 0, got {config.eps}")
+        if config.step_size < 0:
+            problems.append(f"step size must be >= 0, got {config.step_size}")
+        if config.steps < 0:
+            problems.append(f"steps must be >= 0, got {config.steps}")
+        if not 0.0 <= config.label_noise <= 1.0:
+            problems.append(f"label noise must be in [0, 1], got {config.label_noise}")
+        if not 0.0 <= config.input_noise_fraction <= 1.0:
+            problems.append(f"input noise fraction must be in [0, 1], got {config.input_noise_fraction}")
+        if config.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {config.epochs}")
+        if not 0.0 <= config.momentum < 1.0:
+            problems.append(f"momentum must be in [0, 1), got {config.momentum}")
+        if config.eval_steps < 0:
+            problems.append(f"eval steps must be >= 0, got {config.eval_steps}")
+        if config.eval_train_size < 0:
+            problems.append(f"eval train size must be >= 0, got {config.eval_train_size}")
+        if any(m < 1 for m in config.milestones):
+            problems.append(f"milestones must be epochs >= 1, got {config.milestones}")
+        if config.batch_size < 1:
+            problems.append(f"batch size must be >= 1, got {config.batch_size}")
+        if config.lr <= 0:
+            problems.append(f"learning rate must be > 0, got {config.lr}")
+        if config.lr_gamma <= 0:
+            problems.append(f"lr gamma must be > 0, got {config.lr_gamma}")
+        if config.weight_decay < 0:
+            problems.append(f"weight decay must be >= 0, got {config.weight_decay}")
+        if config.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
+        if config.drop_rate is not None and not 0.0 <= config.drop_rate < 1.0:
+            problems.append(f"drop rate must be in [0, 1), got {config.drop_rate}")
+        if config.norm not in ("Linf", "L2"):
+            problems.append(f"norm must be Linf or L2, got {config.norm!r}")
         if problems:
             raise TrainingError(problems[0])
 
@@ -216,7 +217,7 @@ def resolved_method_settings(config: RunConfig) -> dict:
     as a run records them in config.json's "method" (no data needed)."""
     setup = TrainingSetup(num_samples=1, num_classes=10, epochs=config.epochs, eps=config.eps,
                           step_size=config.step_size, steps=config.steps, norm=config.norm)
-    return get_method(config.method)(setup, **config.method_args).config()
+    return dict(get_method(config.method)(setup, **config.method_args).settings)
 
 
 def check_writable_folder(path: str | Path, what: str = "--out") -> None:
@@ -379,39 +380,14 @@ class Trainer:
         return states
 
     def _checkpoint(self, epoch: int, rng_states: list[dict]) -> dict:
-        return {
-            "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
-            "model": ckpt.cpu_state_dict(self.model),
-            "model_name": self.config.model, "num_classes": self.data.train.num_classes,
-            "in_chans": self.data.train.shape[0], "img_size": self.data.train.shape[1],
-            "dataset": self.config.dataset,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"kind": self.config.schedule, "lr": learning_rate(self.config, epoch)},
-            "method": {"name": self.config.method, "config": self.method.config(),
-                       "state": self.method.state_dict()},
-            "epoch": epoch, "config": self.config.to_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
-            "best": dict(self.best), "history": list(self.history), "data_fingerprint": self.fingerprint,
-        }
-
-    def _readable_checkpoint(self) -> tuple[Path, dict]:
-        """last.pt, else (with a warning) last-prev.pt; best.pt is named as the last resort."""
-        errors = []
-        for path in (self.out_dir / "last.pt", self.out_dir / "last-prev.pt"):
-            if not path.is_file():
-                continue
-            try:
-                state = ckpt.load_checkpoint(path, map_location="cpu")
-            except ckpt.CheckpointError as error:
-                errors.append(str(error))
-                continue
-            if errors:
-                self.callbacks.log(f"warning: {errors[0]}; resuming from the previous checkpoint {path} instead")
-                self._history_event("fallback", path=str(path), reason=errors[0])
-            return path, state
-        best = self.out_dir / "best.pt"
-        resort = (f"; {best} may still be readable: copy it to {self.out_dir / 'last.pt'} to resume from its epoch"
-                  if best.is_file() else "")
-        raise TrainingError(f"--resume: no readable checkpoint in {self.out_dir} ({'; '.join(errors)}){resort}")
+        train = self.data.train
+        return ckpt.make_checkpoint(
+            model=self.model, model_name=self.config.model, num_classes=train.num_classes, in_chans=train.shape[0],
+            img_size=train.shape[1], dataset=self.config.dataset, optimizer_state=self.optimizer.state_dict(),
+            schedule=self.config.schedule, lr=learning_rate(self.config, epoch), method_name=self.config.method,
+            method_settings=self.method.settings, method_state=self.method.state_dict(), epoch=epoch,
+            config=self.config.to_dict(), rng_states=rng_states, best=self.best, history=self.history,
+            data_fingerprint=self.fingerprint)
 
     def _check_resume_config(self, state: dict) -> None:
         saved, current = state.get("config", {}), self.config.to_dict()
@@ -460,7 +436,10 @@ class Trainer:
             self._history_event("data-change", epoch=state["epoch"] + 1, fingerprint=[saved, self.fingerprint])
 
     def _resume(self) -> None:
-        path, state = self._readable_checkpoint()
+        path, state, passed_over = ckpt.load_resumable(self.out_dir)
+        if passed_over:
+            self.callbacks.log(f"warning: {passed_over}; resuming from the previous checkpoint {path} instead")
+            self._history_event("fallback", path=str(path), reason=passed_over)
         self._check_resume_config(state)
         self._check_resume_data(state)
         ckpt.check_finite_weights(state, path)
@@ -694,7 +673,7 @@ class Trainer:
     def evaluate_epoch(self, record: dict) -> None:
         """Test clean and PGD accuracy (and, optionally, on training points), split over ranks."""
         config = self.config
-        attack = training_pgd(self.model, config.eps, config.step_size, config.eval_steps, config.norm)
+        attack = selection_pgd(self.model, config.eps, config.step_size, config.eval_steps, config.norm)
         splits = [("test", self.data.test, len(self.data.test))]
         if config.eval_train_size:
             splits.append(("train", self.data.train, min(config.eval_train_size, len(self.data.train))))
@@ -760,7 +739,7 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         """Files written once at the start: settings, initial weights, the (possibly noisy) labels."""
-        ckpt.write_text_atomic(json.dumps({"config": self.config.to_dict(), "method": self.method.config(),
+        ckpt.write_text_atomic(json.dumps({"config": self.config.to_dict(), "method": dict(self.method.settings),
                                            "world_size": self.ctx.world_size, "device": str(self.ctx.device),
                                            "data_fingerprint": self.fingerprint}, indent=2) + "\n",
                                self.out_dir / "config.json")

@@ -17,8 +17,12 @@ from .models import UnknownModelError
 from .runlock import RunLockError
 from .training import TrainingError
 
+class AnalysisError(ValueError):
+    """The input cannot be analysed (missing file, wrong kind of run); the message says why in one line."""
+
+
 USER_ERRORS = (DataError, CheckpointError, MethodError, UnknownMethodError, UnknownModelError,
-               RobustBenchUnavailable, FileNotFoundError, RunLockError, TrainingError)
+               RobustBenchUnavailable, FileNotFoundError, RunLockError, TrainingError, AnalysisError)
 
 
 def one_line_errors(func):

@@ -66,7 +66,7 @@ def main() -> None:
         model.eval()
         with torch.no_grad():
             clean = (model(test.images.float() / 255).argmax(1) == test.labels).float().mean().item()
-        print(f"epoch {epoch}: te_weight {te.weight(epoch):.3g} loss {total_loss / len(train):.4f} "
+        print(f"epoch {epoch}: te_weight_now {te.weight(epoch):.3g} loss {total_loss / len(train):.4f} "
               f"te_loss {total_te / len(train):.4g} test clean acc {clean:.3f}")
 
 

@@ -7,7 +7,7 @@ import torch
 import torchattacks
 from torch import nn
 
-from at_memorization.attacks import CWLinf, PenalizedPGD, PenalizedTPGD, cw30, pgd20, training_pgd
+from at_memorization.attacks import CWLinf, PenalizedPGD, PenalizedTPGD, cw30, pgd20, selection_pgd
 
 
 def _model(in_chans=3, num_classes=10, seed=0):
@@ -137,7 +137,7 @@ def test_evaluation_factories():
     assert (attack.steps, attack.norm) == (20, "Linf") and attack.alpha == pytest.approx(2 / 255)
     l2 = pgd20(model, eps=0.5, norm="L2")
     assert l2.norm == "L2" and l2.alpha == pytest.approx(0.125)
-    train = training_pgd(model, 0.1, 0.02, 3)
+    train = selection_pgd(model, 0.1, 0.02, 3)
     assert (train.eps, train.alpha, train.steps, train.random_start) == (0.1, 0.02, 3, True)
 
 

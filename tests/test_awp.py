@@ -199,7 +199,7 @@ def test_steps_equal_the_reference(method_name, weight_decay):
     method = get_method(method_name)(_setup())
     trades = method_name == "trades-awp"
     gamma = 0.005 if trades else 0.01  # the reference's defaults
-    assert method.awp_gamma == gamma and method.awp_warmup == 0
+    assert method.extension("awp").gamma == gamma and method.extension("awp").warmup == 0
     opt, ref_opt = _sgd(ours, wd=weight_decay), _sgd(ref, wd=weight_decay)
     # train_cifar10.py: SGD(proxy, lr=0.01); train_trades_cifar.py: SGD(proxy, lr=args.lr), here 0.1.
     proxy_opt = torch.optim.SGD(proxy.parameters(), lr=0.1 if trades else 0.01)
@@ -227,7 +227,7 @@ def test_steps_equal_the_reference(method_name, weight_decay):
             for name, buffer in ours.named_buffers():
                 torch.testing.assert_close(buffer, dict(ref.named_buffers())[name], rtol=0, atol=1e-6)
     # The proxy keeps no state to checkpoint: SGD without momentum, and nothing in the method's state.
-    assert method._awp_proxy_optimizer.state_dict()["state"] == {}
+    assert method.extension("awp")._proxy_optimizer.state_dict()["state"] == {}
     assert method.state_dict() == {}
 
 
@@ -239,7 +239,7 @@ def test_calc_awp_equals_the_reference_per_layer(method_name):
     x, y, index = _batch(5)
     x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
     method = get_method(method_name)(_setup())
-    ours = method.calc_awp(model, x, x_adv, y, index, 1)
+    ours = method.extension("awp").calc_awp(model, x, x_adv, y, index, 1)
     if method_name == "trades-awp":
         ref = TradesAWP(model, proxy, torch.optim.SGD(proxy.parameters(), lr=0.1), 0.005).calc_awp(x_adv, x, y, 6.0)
     else:
@@ -301,11 +301,11 @@ def test_before_the_warmup_the_step_is_plain_pgd_at():
     awp_opt, plain_opt = _sgd(awp_model), _sgd(plain_model)
     x, y, index = _batch(3)
     x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
-    assert awp.on_epoch_start(1) == {"awp_gamma": 0.0} and awp.on_epoch_start(2) == {"awp_gamma": 0.01}
+    assert awp.on_epoch_start(1) == {"awp_gamma_now": 0.0} and awp.on_epoch_start(2) == {"awp_gamma_now": 0.01}
     _, perturbation, _ = our_step(awp, awp_model, awp_opt, x, y, index, 1, x_adv=x_adv)
     our_step(plain, plain_model, plain_opt, x, y, index, 1, x_adv=x_adv)
     assert all(torch.equal(d, torch.zeros_like(d)) for d in perturbation.values())
-    assert awp._awp_proxy is None  # no proxy work during the warm-up
+    assert awp.extension("awp")._proxy is None  # no proxy work during the warm-up
     for p, q in zip(awp_model.parameters(), plain_model.parameters()):
         assert torch.equal(p, q)
     # From epoch 2 on (awp_warmup + 1) AWP perturbs, and the step differs from PGD-AT's.
@@ -330,16 +330,16 @@ def test_gamma_zero_is_plain_pgd_at():
 
 
 def test_defaults_are_the_references_and_settings_are_checked():
-    assert PGDATAWP(_setup(200)).config() == {"awp_gamma": 0.01, "awp_warmup": 0}
+    assert PGDATAWP(_setup(200)).settings == {"awp_gamma": 0.01, "awp_warmup": 0}
     trades = TRADESAWP(_setup(200))
-    assert trades.config() == {"beta": 6.0, "awp_gamma": 0.005, "awp_warmup": 9}  # epoch >= 10 of 1..200
-    assert not trades.awp_active(9) and trades.awp_active(10)
+    assert trades.settings == {"beta": 6.0, "awp_gamma": 0.005, "awp_warmup": 9}  # epoch >= 10 of 1..200
+    assert not trades.extension("awp").active(9) and trades.extension("awp").active(10)
     short = TRADESAWP(_setup(100))
-    assert short.config()["awp_warmup"] == 4 and "starts at epoch 5" in short.notes[0]
-    assert TRADESAWP(_setup(2)).config()["awp_warmup"] == 0
+    assert short.settings["awp_warmup"] == 4 and "starts at epoch 5" in short.notes[0]
+    assert TRADESAWP(_setup(2)).settings["awp_warmup"] == 0
     te = PGDATTEAWP(_setup(200))
-    assert te.config()["awp_gamma"] == 0.01 and te.config()["te_start"] == 90
-    assert TRADESAWP(_setup(10), awp_gamma=0.02, awp_warmup=3).config()["awp_gamma"] == 0.02
+    assert te.settings["awp_gamma"] == 0.01 and te.settings["te_start"] == 90
+    assert TRADESAWP(_setup(10), awp_gamma=0.02, awp_warmup=3).settings["awp_gamma"] == 0.02
     for bad, words in (({"awp_gamma": -0.1}, "--awp-gamma"), ({"awp_gamma": float("nan")}, "--awp-gamma"),
                        ({"awp_warmup": -1}, "--awp-warmup"), ({"awp_warmup": 3}, "never switch on")):
         with pytest.raises(MethodError, match=words):
@@ -364,9 +364,10 @@ def test_pgd_at_te_awp_composes_the_hooks_and_te():
     torch.manual_seed(5)
     model = TinyBN()
     method = PGDATTEAWP(_setup(epochs=3), te_start=1, te_end=2, te_weight=30.0)
-    assert [c.__name__ for c in type(method).__mro__[:5]] == ["PGDATTEAWP", "AWPMixin", "PGDATTE",
-                                                              "TemporalEnsemblingMixin", "PGDAT"]
-    assert set(method.on_epoch_start(2)) == {"te_weight", "awp_gamma"} and method.on_epoch_start(2)["awp_gamma"] == 0.01
+    # PGD-AT with two extensions, composed by declaration (no class of its own in between)
+    assert type(method).__mro__[1] is PGDAT and [e.key for e in type(method).extensions] == ["te", "awp"]
+    assert set(method.on_epoch_start(2)) == {"te_weight_now", "awp_gamma_now"}
+    assert method.on_epoch_start(2)["awp_gamma_now"] == 0.01
     opt = _sgd(model)
     x, y, index = _batch(6)
     start = copy.deepcopy(model.state_dict())
@@ -375,12 +376,12 @@ def test_pgd_at_te_awp_composes_the_hooks_and_te():
         assert perturbation["conv.weight"].abs().max() > 0
         assert math.isfinite(logs["te_loss"].item())
     assert logs["te_loss"].item() > 0
-    assert method.te.ensemble[index].sum(1).gt(0).all()  # the ensemble was updated
+    assert method.extension("te").te.ensemble[index].sum(1).gt(0).all()  # the ensemble was updated
     assert not torch.equal(start["conv.weight"], model.conv.weight)
     # The proxy ascends the method's own loss, TE penalty included: not PGD-AT-AWP's perturbation.
     plain = PGDATAWP(_setup(epochs=3))
-    with_te = method.calc_awp(model, x, x_adv, y, index, 2)
-    without = plain.calc_awp(model, x, x_adv, y, index, 2)
+    with_te = method.extension("awp").calc_awp(model, x, x_adv, y, index, 2)
+    without = plain.extension("awp").calc_awp(model, x, x_adv, y, index, 2)
     assert not torch.allclose(with_te["conv.weight"], without["conv.weight"])
     # Only TE's ensemble goes into the checkpoint, not the proxy.
     assert set(method.state_dict()) == {"te"}
@@ -426,7 +427,7 @@ def test_cli_trains_each_method_for_two_epochs(method, mnist_dir, tmp_path):
     for record in records:
         for key in ("train_loss", "grad_norm", "test_clean_acc", "test_robust_acc"):
             assert math.isfinite(record[key]), (key, record)
-        assert record["awp_gamma"] == (0.005 if method == "trades-awp" else 0.01)  # on from epoch 1
+        assert record["awp_gamma_now"] == (0.005 if method == "trades-awp" else 0.01)  # on from epoch 1
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert state["method"]["name"] == method
     assert {"awp_gamma", "awp_warmup"} <= set(state["method"]["config"])

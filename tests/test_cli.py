@@ -155,6 +155,9 @@ def test_methods_lists_the_four_methods_with_their_modules():
     for name, module in expected.items():
         line = next(line for line in lines if line.split()[0] == name)
         assert "at-memorization" in line and module in line
+    # each method's settings with their defaults for 200 epochs, the derived ones resolved
+    assert "[--beta 6.0 --awp-gamma 0.005 --awp-warmup 9]" in result.output  # trades-awp: TRADES' own AWP defaults
+    assert "[--te-momentum 0.9 --te-weight 300.0 --te-start 90 --te-end 150]" in result.output
     models = invoke("models")
     assert models.exit_code == 0 and "preactresnet18" in models.output.split()
 

@@ -73,7 +73,7 @@ def test_ddp_run_writes_each_epoch_once_and_checkpoints_from_rank_0(ddp_runs):
     full = out / "full"
     records = _metrics(full)
     assert [r["epoch"] for r in records] == [1, 2]
-    assert records[0]["te_weight"] < records[1]["te_weight"] == 300.0
+    assert records[0]["te_weight_now"] < records[1]["te_weight_now"] == 300.0
     assert all(r["te_loss"] > 0 for r in records)  # TE active from epoch 1
     for name in ("last.pt", "best.pt", "config.json", "init.pt"):
         assert (full / name).is_file()

@@ -119,7 +119,7 @@ def test_bf16_autocast_trains_like_fp32_and_keeps_the_ensemble_fp32(mnist, tmp_p
         assert abs(a["test_clean_acc"] - b["test_clean_acc"]) <= 0.1, (a, b)
         assert abs(a["train_loss"] - b["train_loss"]) <= 0.05 * abs(a["train_loss"]) + 0.02, (a, b)
     assert h16[-1]["te_loss"] > 0
-    ensemble16, ensemble32 = bf16.method.te.ensemble, fp32.method.te.ensemble
+    ensemble16, ensemble32 = bf16.method.extension("te").te.ensemble, fp32.method.extension("te").te.ensemble
     assert ensemble16.dtype == torch.float32
     assert ensemble16.sum() > 0 and (ensemble16 - ensemble32).abs().max() < 0.1
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # fp32 master weights

@@ -211,7 +211,7 @@ def test_registered_through_the_entry_point_with_its_own_setting():
     line = next(l for l in result.output.splitlines() if l.startswith("mart "))
     assert "at_memorization.plugins.mart" in line and "--mart-beta" in result.output
     setup = TrainingSetup(num_samples=4, num_classes=10, epochs=1)
-    assert cls(setup).config() == {"mart_beta": 6.0}
+    assert cls(setup).settings == {"mart_beta": 6.0}
     with pytest.raises(MethodError, match="takes no setting beta"):
         cls(setup, beta=6.0)
     with pytest.raises(MethodError, match="Linf threat model only"):

@@ -180,12 +180,12 @@ def test_tepgd_inner_loss_includes_the_penalty():
 def test_te_methods_derive_start_and_end_and_say_so():
     setup = TrainingSetup(num_samples=10, num_classes=4, epochs=20)
     method = get_method("pgd-at-te")(setup)
-    assert (method.te.start_epoch, method.te.end_epoch) == (round(0.45 * 20), round(0.75 * 20))
+    assert (method.extension("te").te.start_epoch, method.extension("te").te.end_epoch) == (round(0.45 * 20), round(0.75 * 20))
     assert any("45%" in note for note in method.notes)
     paper = get_method("trades-te")(TrainingSetup(num_samples=10, num_classes=4, epochs=200))
-    assert (paper.te.start_epoch, paper.te.end_epoch) == (90, 150) and paper.notes == []
+    assert (paper.extension("te").te.start_epoch, paper.extension("te").te.end_epoch) == (90, 150) and paper.notes == []
     given = get_method("pgd-at-te")(setup, te_start=3, te_end=8, te_weight=10.0, te_momentum=0.5)
-    assert (given.te.start_epoch, given.te.end_epoch, given.te.reg_weight, given.te.momentum) == (3, 8, 10.0, 0.5)
+    assert (given.extension("te").te.start_epoch, given.extension("te").te.end_epoch, given.extension("te").te.reg_weight, given.extension("te").te.momentum) == (3, 8, 10.0, 0.5)
     with pytest.raises(MethodError):
         get_method("pgd-at-te")(setup, te_start=8, te_end=3)
 
@@ -197,13 +197,13 @@ def test_trades_te_loss_matches_the_papers_formula():
     model = _tiny_model()
     x, y, index = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1]), torch.arange(6)
     x_adv = method.attack(model, x, y, index, epoch=2)
-    assert torch.count_nonzero(method.te.ensemble) > 0  # updated from eval-mode clean logits
+    assert torch.count_nonzero(method.extension("te").te.ensemble) > 0  # updated from eval-mode clean logits
     model.train()
     loss, logs = method.loss(model, x, x_adv, y, index, epoch=2)
     clean, adv = model(x), model(x_adv)
     kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="sum") / len(y)
-    p = method.te.target(index)
-    penalty = method.te.weight(2) * ((F.softmax(clean, 1) - p) ** 2).mean()
+    p = method.extension("te").te.target(index)
+    penalty = method.extension("te").te.weight(2) * ((F.softmax(clean, 1) - p) ** 2).mean()
     expected = F.cross_entropy(clean, y) + 6.0 * kl + penalty
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert logs["te_loss"].item() == pytest.approx(penalty.item(), rel=1e-5)
@@ -219,12 +219,12 @@ def test_pgd_at_te_loss_is_ce_plus_penalty_on_adversarial_logits():
     model.train()
     loss, logs = method.loss(model, x, x_adv, y, index, epoch=2)
     adv = model(x_adv)
-    penalty = method.te.weight(2) * ((F.softmax(adv, 1) - method.te.target(index)) ** 2).mean()
+    penalty = method.extension("te").te.weight(2) * ((F.softmax(adv, 1) - method.extension("te").te.target(index)) ** 2).mean()
     assert loss.item() == pytest.approx((F.cross_entropy(adv, y) + penalty).item(), rel=1e-5)
     state = method.state_dict()
     other = get_method("pgd-at-te")(setup, te_start=1, te_end=3)
     other.load_state_dict(state)
-    assert torch.equal(other.te.ensemble, method.te.ensemble)
+    assert torch.equal(other.extension("te").te.ensemble, method.extension("te").te.ensemble)
 
 
 def test_trades_kl_matches_trades_code_and_keeps_gradients_finite_when_probabilities_underflow():

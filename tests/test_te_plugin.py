@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def test_te_methods_train_on_real_data_with_a_ramping_weight(method, cifar_jpg_d
     assert "starts at epoch 2 (45%)" in result.output  # 4 epochs: round(1.8) = 2, round(3) = 3
     records = _metrics(run)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
-    weights = [r["te_weight"] for r in records]
+    weights = [r["te_weight_now"] for r in records]
     assert weights[0] == 0.0 and 0 < weights[1] < 300.0 and weights[2] == weights[3] == 300.0
     assert records[0]["te_loss"] == 0.0 and all(r["te_loss"] > 0 for r in records[1:])
     state = torch.load(run / "last.pt", weights_only=True)
@@ -113,7 +114,7 @@ def test_drop_in_example_runs(mnist_dir):
     assert result.returncode == 0, result.stderr
     lines = [l for l in result.stdout.splitlines() if l.startswith("epoch")]
     assert len(lines) == 4
-    assert "te_weight 0 " in lines[0] and "te_weight 300" in lines[3]
+    assert "te_weight_now 0 " in lines[0] and "te_weight_now 300" in lines[3]
 
 
 def test_custom_method_plugin_is_discovered_and_trains(mnist_dir, tmp_path):
@@ -137,3 +138,17 @@ def test_custom_method_plugin_is_discovered_and_trains(mnist_dir, tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert _metrics(run)[0]["epoch"] == 1
     assert json.loads((run / "config.json").read_text())["method"]["fgsm_step"] == 0.1
+    # Its TE variant is four lines (extensions = (TemporalEnsembling,)) and trains with the TE penalty on.
+    assert any(l.startswith("fast-at-te") for l in listed.stdout.splitlines())
+    run_te = tmp_path / "fast-te"
+    trained = subprocess.run([sys.executable, "-m", "at_memorization", "train", "--method", "fast-at-te",
+                              "--te-start", "1", "--te-end", "2", "--dataset", "mnist", "--data-dir", str(mnist_dir),
+                              "--model", "smallcnn", "--epochs", "2", "--train-size", "128", "--test-size", "32",
+                              "--eps", "0.1", "--eval-steps", "2", "--device", "cpu", "--quiet", "--out", str(run_te)],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    records = _metrics(run_te)
+    assert [r["te_weight_now"] for r in records] == [pytest.approx(300 * math.exp(-5.0)), 300.0]
+    assert records[1]["te_loss"] > 0 and math.isfinite(records[1]["train_loss"])
+    state = torch.load(run_te / "last.pt", weights_only=True)
+    assert state["method"]["state"]["te"]["ensemble"].abs().sum() > 0  # the ensemble was fed by the plugin's run

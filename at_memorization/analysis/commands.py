@@ -6,7 +6,6 @@ They parse and validate, call the analysis functions, write JSON/PNG files and p
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -29,20 +28,6 @@ class FloatListType(click.ParamType):
         if not values or any(v <= 0 for v in values):
             self.fail(f"{value!r}: give one or more positive numbers", param, ctx)
         return values
-
-
-def _analysis_errors(func):
-    """AnalysisError (and a bad argument value) -> ``Error: <one line>``, exit status 1."""
-    from .common import AnalysisError
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except AnalysisError as error:
-            raise click.ClickException(str(error).splitlines()[0])
-
-    return wrapper
 
 
 def _positive(name, value):
@@ -234,5 +219,5 @@ COMMANDS = (gradient_stability_command, measures_command, memorization_command, 
 def register(group: click.Group) -> None:
     """Add the analysis commands to ``group``, with the CLI's one-line error handling."""
     for command in COMMANDS:
-        command.callback = one_line_errors(_analysis_errors(command.callback))
+        command.callback = one_line_errors(command.callback)
         group.add_command(command)

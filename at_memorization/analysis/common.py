@@ -1,4 +1,5 @@
-"""Shared pieces of the analysis: loading runs and checkpoints, their data, the three training losses.
+"""Shared pieces of the analysis: loading runs and checkpoints, their data, and the training methods' own
+attacks and losses, built through the method registry.
 
 All analyses run the model in **eval mode** (dropout off, BatchNorm on its running statistics), so
 that a loss is a deterministic function of the weights; the training losses themselves were
@@ -15,15 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..attacks import PenalizedPGD, PenalizedTPGD, margins  # noqa: F401  (re-exported)
-from ..methods.trades import trades_kl
+from ..attacks import margins  # noqa: F401  (re-exported)
+from ..methods import Method, TrainingSetup, get_method
 from ..checkpoint import build_model_from_checkpoint, load_checkpoint, run_setting
 from ..runtime import eval_mode
+from ..user_errors import AnalysisError  # noqa: F401  (re-exported: the analyses raise it)
 from ..data import IndexedDataset, load_data, load_split
-
-
-class AnalysisError(ValueError):
-    """The input cannot be analysed (missing file, wrong kind of run); the message says why in one line."""
 
 
 # --------------------------------------------------------------------------- run directories
@@ -141,34 +139,43 @@ def take(dataset: IndexedDataset, n: int, device="cpu", *, seed: int | None = No
 
 
 # --------------------------------------------------------------------------- losses and attacks
-def pgd_examples(model, x, y, *, eps, step_size, steps, norm="Linf", seed=0, batch_size=256):
-    """PGD examples (CE, random start) for the model as it is now, on a fixed random stream."""
+def analysis_method(name: str, *, eps: float, step_size: float, steps: int, norm: str = "Linf",
+                    **settings) -> Method:
+    """A registered training method, built to reuse its attack and its own loss (not copies of them).
+
+    ``settings`` are the method's (e.g. ``beta=6.0`` for trades). The analyses use the method's
+    ``run_attack`` and ``base_loss`` only, which do not read the training set's size or the number
+    of epochs; those are placeholders here (a method with extensions, which do read them, is refused).
+    """
+    setup = TrainingSetup(num_samples=1, num_classes=1, epochs=1, eps=eps, step_size=step_size, steps=steps,
+                          norm=norm)
+    cls = get_method(name)
+    if cls.extensions:
+        raise AnalysisError(f"method {name!r} has extensions ({', '.join(e.key for e in cls.extensions)}); "
+                            f"the analyses use base methods' attacks and losses")
+    return cls(setup, **settings)
+
+
+def method_examples(method: Method, model, x, y, *, seed=0, batch_size=256):
+    """The method's adversarial examples for the model as it is now (eval mode, a fixed random stream)."""
     from ..randomness import isolated_rng
 
-    attack = PenalizedPGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True, norm=norm)
     out = []
     with eval_mode(model), isolated_rng(seed):
         for start in range(0, len(y), batch_size):
-            out.append(attack(x[start:start + batch_size], y[start:start + batch_size]))
+            out.append(method.run_attack(model, x[start:start + batch_size], y[start:start + batch_size]))
     return torch.cat(out) if out else x.clone()
 
 
-def trades_examples(model, x, y, *, eps, step_size, steps, seed=0, batch_size=256):
-    """TRADES' KL attack (TPGD) examples for the model as it is now."""
-    from ..randomness import isolated_rng
-
-    attack = PenalizedTPGD(model, eps=eps, alpha=step_size, steps=steps)
-    out = []
-    with eval_mode(model), isolated_rng(seed):
-        for start in range(0, x.shape[0], batch_size):
-            out.append(attack(x[start:start + batch_size], y[start:start + batch_size]))
-    return torch.cat(out) if out else x.clone()
+def method_loss(method: Method, model, x, x_adv, y) -> torch.Tensor:
+    """The method's own training objective on fixed adversarial examples (its extensions left out)."""
+    return method.base_loss(method.training_logits(model, x, x_adv), y)[0]
 
 
-def trades_loss(model, x, x_adv, y, beta):
-    """CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv)), as TRADES trains."""
-    logits_clean = model(x)
-    return F.cross_entropy(logits_clean, y) + beta * trades_kl(model(x_adv), logits_clean)
+def pgd_examples(model, x, y, *, eps, step_size, steps, norm="Linf", seed=0, batch_size=256):
+    """PGD examples (CE, random start), pgd-at's attack, for the model as it is now."""
+    method = analysis_method("pgd-at", eps=eps, step_size=step_size, steps=steps, norm=norm)
+    return method_examples(method, model, x, y, seed=seed, batch_size=batch_size)
 
 
 def finite_or_none(value):

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from .common import load_for_analysis, pgd_examples, take, trades_examples, trades_loss, training_split
+from .common import analysis_method, load_for_analysis, method_examples, method_loss, take, training_split
 
 LossFn = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -126,8 +126,11 @@ def checkpoint_losses(model, x, y, *, eps, step_size, steps, norm="Linf", beta=6
     Each loss is the mean over batches of ``batch_size`` (so the gradient is that of the mean
     training loss over all the points), computed batch by batch to bound memory.
     """
-    x_pgd = pgd_examples(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, seed=seed)
-    x_trades = trades_examples(model, x, y, eps=eps, step_size=step_size, steps=steps, seed=seed + 1)
+    attack = dict(eps=eps, step_size=step_size, steps=steps)
+    pgd_at = analysis_method("pgd-at", norm=norm, **attack)
+    trades = analysis_method("trades", norm=norm, beta=beta, **attack)
+    x_pgd = method_examples(pgd_at, model, x, y, seed=seed)
+    x_trades = method_examples(trades, model, x, y, seed=seed + 1)
     chunks = [slice(start, start + batch_size) for start in range(0, len(y), batch_size)]
     weights = [(c.stop - c.start if c.stop <= len(y) else len(y) - c.start) / len(y) for c in chunks]
 
@@ -136,11 +139,10 @@ def checkpoint_losses(model, x, y, *, eps, step_size, steps, norm="Linf", beta=6
             return sum(w * term(m, c) for w, c in zip(weights, chunks))
         return loss_fn
 
-    ce = torch.nn.functional.cross_entropy
     return {
-        "pgd-at": mean_over_batches(lambda m, c: ce(m(x_pgd[c]), y[c])),
-        "trades": mean_over_batches(lambda m, c: trades_loss(m, x[c], x_trades[c], y[c], beta)),
-        "clean": mean_over_batches(lambda m, c: ce(m(x[c]), y[c])),
+        "pgd-at": mean_over_batches(lambda m, c: method_loss(pgd_at, m, x[c], x_pgd[c], y[c])),
+        "trades": mean_over_batches(lambda m, c: method_loss(trades, m, x[c], x_trades[c], y[c])),
+        "clean": mean_over_batches(lambda m, c: torch.nn.functional.cross_entropy(m(x[c]), y[c])),
     }
 
 

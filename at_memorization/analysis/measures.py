@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .common import (AnalysisError, finite_or_none, load_for_analysis, margins, pgd_examples, take, test_split,
                      training_split)
 from ..evaluation import correct_flags
-from ..attacks import training_pgd
+from ..attacks import selection_pgd
 
 # Higher value = more complex = the measure predicts a larger generalization gap.
 MEASURES = ("log_prod_frobenius", "sum_frobenius", "log_prod_spectral", "distance_from_init", "path_norm",
@@ -183,7 +183,7 @@ def input_grad_norm(model, x, y, batch_size: int = 256) -> float:
 def robust_gap(loaded, train, test, *, n: int, device, seed: int) -> dict:
     """Train (run's labels) and test clean/PGD accuracy on the first ``n`` points, and their gaps."""
     eval_steps = int(loaded.config.get("eval_steps", loaded.steps) or loaded.steps)
-    attack = training_pgd(loaded.model, loaded.eps, loaded.step_size, eval_steps, loaded.norm)
+    attack = selection_pgd(loaded.model, loaded.eps, loaded.step_size, eval_steps, loaded.norm)
     out = {}
     for prefix, split in (("train", train), ("test", test)):
         k = min(n, len(split))

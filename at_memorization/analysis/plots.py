@@ -28,6 +28,18 @@ def _series(records, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
+# The epoch's ramped TE weight; runs recorded before it was named te_weight_now logged it as te_weight.
+TE_WEIGHT_KEYS = ("te_weight_now", "te_weight")
+
+
+def _te_weight_series(records):
+    for key in TE_WEIGHT_KEYS:
+        epochs, values = _series(records, key)
+        if epochs:
+            return epochs, values
+    return [], []
+
+
 def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
     """One column per run: accuracies (best and final epoch marked), robust gap, grad norm, TE weight.
 
@@ -37,7 +49,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
     """
     if not runs:
         raise ValueError("no runs to plot")
-    has_te = any(any("te_weight" in r for r in records) for _, records in runs)
+    has_te = any(any(key in r for key in TE_WEIGHT_KEYS for r in records) for _, records in runs)
     rows = 4 if has_te else 3
     fig, axes = plt.subplots(rows, len(runs), figsize=(4.2 * len(runs), 2.6 * rows), squeeze=False, sharex="col")
     for col, (name, records) in enumerate(runs):
@@ -85,7 +97,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
 
         if has_te:
             ax = axes[3][col]
-            epochs, values = _series(records, "te_weight")
+            epochs, values = _te_weight_series(records)
             if epochs:
                 ax.plot(epochs, values, color="tab:brown")
             else:

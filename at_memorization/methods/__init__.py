@@ -1,7 +1,8 @@
-"""Training methods: the interface, the registry and the built-ins (pgd-at, trades)."""
+"""Training methods: the interface (methods and the extensions that compose with them), the registry
+and the built-ins (pgd-at, trades)."""
 
-from .base import Hyperparameter, Method, MethodError, TrainingSetup
+from .base import Extension, Hyperparameter, Method, MethodError, Penalty, TrainingSetup
 from .registry import GROUP, MethodEntry, UnknownMethodError, discover, get_method
 
-__all__ = ["GROUP", "Hyperparameter", "Method", "MethodEntry", "MethodError", "TrainingSetup",
+__all__ = ["GROUP", "Extension", "Hyperparameter", "Penalty", "Method", "MethodEntry", "MethodError", "TrainingSetup",
            "UnknownMethodError", "discover", "get_method"]

@@ -1,15 +1,36 @@
-"""The interface every training method implements (built-ins and plugins alike).
+"""The interface every training method implements (built-ins and plugins alike), and the
+extensions (regularizers such as temporal ensembling, update hooks such as AWP) that compose with it.
 
 A method is its attack (inner maximization), its training loss (outer minimization) and its own
 per-run state. The trainer calls, for every batch::
 
-    x_adv = method.attack(model, x, y, index, epoch)          # model: the bare module, any mode
-    loss, logs = method.loss(model, x, x_adv, y, index, epoch) # model: as trained (DDP), train mode
+    x_adv = method.attack(model, x, y, index, epoch)              # model: the bare module, any mode
+    method.before_loss(model, x, x_adv, y, index, epoch)           # hooks (e.g. AWP perturbs weights)
+    loss, logs = method.loss(model, x, x_adv, y, index, epoch)     # model: as trained (DDP), train mode
+    loss.backward()
+    method.before_step(model, optimizer, epoch)                    # hooks (e.g. AWP restores weights)
+    optimizer.step()
 
 ``index`` holds the samples' positions in the training set, ``epoch`` counts from 1. ``logs`` maps
 names to scalar tensors (batch means); the trainer averages them over the epoch without any
 host-device synchronization. Everything a method needs to resume goes into ``state_dict()`` as
 tensors and plain Python values.
+
+A method is written in three small parts, which is what lets extensions compose with it::
+
+    run_attack(model, x, y, penalty, clean_logits)  # the attack, with an extension's penalty added
+    training_logits(model, x, x_adv) -> {"adv": ..., "clean": ...}   # the forward passes of the loss
+    base_loss(logits, y) -> (loss, logs)            # the method's own objective on those logits
+
+``attack`` and ``loss`` (below) assemble them with the method's ``extensions``: a TE variant of a
+method is the method's class with ``extensions = (TemporalEnsembling,)``. A method may still
+override ``attack`` and ``loss`` directly (then it takes no extensions).
+
+Names, one meaning each: a method class's ``hyperparameters`` declare its settings (each is an
+``at-mem train`` flag); ``method_args`` are the values a user gave (``None``: not given), as
+``RunConfig.method_args`` and config files hold them; ``method.settings`` are the resolved values,
+defaults and derived values filled in, which checkpoints save (under ``method.config``) and
+``at-mem train --print-config`` shows.
 """
 
 from __future__ import annotations
@@ -18,6 +39,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+
+from ..attacks import Penalty  # penalty(logits) -> scalar, added to an attack's inner loss
 
 
 @dataclass(frozen=True)
@@ -51,20 +74,104 @@ class MethodError(ValueError):
     """A method cannot be built with the given settings."""
 
 
+class Extension:
+    """Something added to a base method: a regularizer (a penalty in the attack's inner loss and in
+    the training loss, e.g. temporal ensembling) and/or hooks around the update (e.g. AWP).
+
+    An extension is built by its method (``Extension(method)``) after the method's settings are
+    resolved; it reads them from ``method.settings`` (its ``hyperparameters`` are added to every
+    method that lists it) and ``method.setup``, and may add log notes to ``method.notes``. Every
+    hook is optional. ``key`` names it: ``method.extension(key)`` returns it, and its state is saved
+    under ``key`` in the method's state.
+    """
+
+    key: ClassVar[str] = ""
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    has_state: ClassVar[bool] = False  # True: state_dict() is saved in checkpoints under ``key``
+
+    def __init__(self, method: "Method"):
+        self.method = method
+
+    # -- the attack
+    def before_attack(self, model: torch.nn.Module, x, index, epoch: int) -> torch.Tensor | None:
+        """Before the attack. May return eval-mode clean logits of ``x`` that it computed anyway; the
+        method's attack reuses them where it needs the same (TRADES' KL target)."""
+        return None
+
+    def attack_penalty(self, index, epoch: int) -> Penalty | None:
+        """``penalty(logits) -> scalar`` added to the attack's inner loss, or None."""
+        return None
+
+    # -- the loss
+    def loss_term(self, logits: torch.Tensor, index, epoch: int) -> tuple[torch.Tensor | None, dict]:
+        """A term added to the training loss, on the logits the method names in ``regularized_logits``
+        (PGD-AT: adversarial, TRADES: clean); None for nothing. Returns (term, logs)."""
+        return None, {}
+
+    # -- around the update
+    def before_loss(self, model: torch.nn.Module, x, x_adv, y, index, epoch: int) -> None:
+        pass
+
+    def before_step(self, model: torch.nn.Module, optimizer, epoch: int) -> None:
+        pass
+
+    # -- bookkeeping
+    def on_epoch_start(self, epoch: int) -> dict[str, float]:
+        return {}
+
+    def to(self, device) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _sum_penalties(penalties: list[Penalty]) -> Penalty | None:
+    if not penalties:
+        return None
+    if len(penalties) == 1:
+        return penalties[0]
+    return lambda logits: sum(penalty(logits) for penalty in penalties)
+
+
 class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # The method's settings, its extensions' included (added by __init_subclass__).
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    extensions: ClassVar[tuple[type[Extension], ...]] = ()
+    # Which of training_logits' entries an extension's loss term applies to.
+    regularized_logits: ClassVar[str] = "adv"
 
-    def __init__(self, setup: TrainingSetup, **hparams):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        names = {h.name for h in cls.hyperparameters}
+        added = tuple(h for extension in cls.extensions for h in extension.hyperparameters if h.name not in names)
+        if added:
+            cls.hyperparameters = cls.hyperparameters + added
+
+    def __init__(self, setup: TrainingSetup, **method_args):
         self.setup = setup
         known = {h.name: h for h in self.hyperparameters}
-        unknown = sorted(set(hparams) - set(known))
+        unknown = sorted(set(method_args) - set(known))
         if unknown:
             raise MethodError(f"method {self.name!r} takes no setting {', '.join(unknown)}")
-        self.hparams = {name: h.default if hparams.get(name) is None else h.type(hparams[name])
-                        for name, h in known.items()}
+        # None: not given, so the default, or a value the method or an extension derives below
+        self.settings = {name: h.default if method_args.get(name) is None else h.type(method_args[name])
+                         for name, h in known.items()}
         self.notes: list[str] = []  # messages for the run's log (e.g. derived defaults)
+        self._extensions = {extension.key: extension(self) for extension in self.extensions}
+
+    def extension(self, key: str) -> Extension:
+        """The method's extension of that ``key`` (e.g. ``"te"``)."""
+        try:
+            return self._extensions[key]
+        except KeyError:
+            raise KeyError(f"method {self.name!r} has no extension {key!r} "
+                           f"(it has: {', '.join(self._extensions) or 'none'})") from None
 
     # -- the attack object: built once per model by build_attack, reused at every step
     def build_attack(self, model: torch.nn.Module):
@@ -76,36 +183,76 @@ class Method:
             self._attack = self.build_attack(model)
         return self._attack
 
-    # -- the two halves of a training step
-    def attack(self, model: torch.nn.Module, x, y, index, epoch: int) -> torch.Tensor:
+    # -- the three parts a method writes
+    def run_attack(self, model: torch.nn.Module, x, y, penalty: Penalty | None = None,
+                   clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The method's inner maximization with ``penalty`` added to its inner loss. ``clean_logits``:
+        eval-mode logits of ``x`` an extension already computed (use them or ignore them)."""
+        return self.make_attack(model)(x, y, penalty=penalty)
+
+    def training_logits(self, model: torch.nn.Module, x, x_adv) -> dict[str, torch.Tensor]:
+        """The forward passes of the training loss: ``{"adv": model(x_adv), ...}``."""
         raise NotImplementedError
 
-    def loss(self, model: torch.nn.Module, x, x_adv, y, index, epoch: int) -> tuple[torch.Tensor, dict]:
+    def base_loss(self, logits: dict[str, torch.Tensor], y) -> tuple[torch.Tensor, dict]:
+        """The method's own objective on ``training_logits``' output: (loss, logs)."""
         raise NotImplementedError
+
+    # -- the two halves of a training step, assembled with the extensions
+    def attack(self, model: torch.nn.Module, x, y, index, epoch: int) -> torch.Tensor:
+        penalties, clean_logits = [], None
+        for extension in self._extensions.values():
+            computed = extension.before_attack(model, x, index, epoch)
+            clean_logits = computed if computed is not None else clean_logits
+            penalty = extension.attack_penalty(index, epoch)
+            if penalty is not None:
+                penalties.append(penalty)
+        return self.run_attack(model, x, y, penalty=_sum_penalties(penalties), clean_logits=clean_logits)
+
+    def loss(self, model: torch.nn.Module, x, x_adv, y, index, epoch: int) -> tuple[torch.Tensor, dict]:
+        logits = self.training_logits(model, x, x_adv)
+        loss, logs = self.base_loss(logits, y)
+        logs = {"train_adv_acc": (logits["adv"].argmax(1) == y).float().mean(), **logs}
+        for extension in self._extensions.values():
+            term, extension_logs = extension.loss_term(logits[self.regularized_logits], index, epoch)
+            if term is not None:
+                loss = loss + term
+            logs.update(extension_logs)
+        return loss, logs
 
     # -- optional hooks around the update (the trainer calls them for every method, never by name)
     def before_loss(self, model: torch.nn.Module, x, x_adv, y, index, epoch: int) -> None:
         """After the attack, before ``loss``: e.g. AWP perturbs the weights here. ``model`` is the
         bare model (not a DDP wrapper), in train mode."""
+        for extension in self._extensions.values():
+            extension.before_loss(model, x, x_adv, y, index, epoch)
 
     def before_step(self, model: torch.nn.Module, optimizer, epoch: int) -> None:
         """After ``loss.backward()``, before ``optimizer.step()``: e.g. AWP restores the weights here,
         so the update applies the perturbed point's gradients to the unperturbed weights."""
+        for extension in reversed(self._extensions.values()):  # undo in the reverse order
+            extension.before_step(model, optimizer, epoch)
 
-    # -- optional hooks
+    # -- bookkeeping
     def on_epoch_start(self, epoch: int) -> dict[str, float]:
         """Plain per-epoch values to log (e.g. a schedule's weight)."""
-        return {}
+        values = {}
+        for extension in self._extensions.values():
+            values.update(extension.on_epoch_start(epoch))
+        return values
 
     def to(self, device) -> "Method":
+        for extension in self._extensions.values():
+            extension.to(device)
         return self
 
     def state_dict(self) -> dict:
-        return {}
+        return {key: extension.state_dict() for key, extension in self._extensions.items() if extension.has_state}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        for key, extension in self._extensions.items():
+            if extension.has_state:
+                if key not in state:
+                    raise MethodError(f"the checkpoint holds no {key!r} state for method {self.name!r}")
+                extension.load_state_dict(state[key])
 
-    def config(self) -> dict:
-        """The resolved settings, plain values only (saved with the run)."""
-        return dict(self.hparams)

@@ -24,12 +24,13 @@ class TRADES(Method):
     name = "trades"
     description = "TRADES (Zhang et al. 2019): CE(clean) + beta * KL(adv || clean), Linf or L2"
     hyperparameters = (Hyperparameter("beta", float, 6.0, "TRADES' robustness weight"),)
+    regularized_logits = "clean"  # TRADES+TE penalizes the clean logits in the loss (the paper's code)
 
-    def __init__(self, setup, **hparams):
-        super().__init__(setup, **hparams)
+    def __init__(self, setup, **method_args):
+        super().__init__(setup, **method_args)
         if setup.norm not in ("Linf", "L2"):
             raise MethodError(f"{self.name} supports the Linf and L2 threat models, got norm {setup.norm!r}")
-        self.beta = self.hparams["beta"]
+        self.beta = self.settings["beta"]
         if not self.beta >= 0:  # also NaN
             raise MethodError(f"{self.name}: --beta must be a number >= 0, got {self.beta}")
 
@@ -37,11 +38,15 @@ class TRADES(Method):
         s = self.setup
         return PenalizedTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, beta=self.beta, norm=s.norm)
 
-    def attack(self, model, x, y, index, epoch):
-        return self.make_attack(model)(x, y)
+    def run_attack(self, model, x, y, penalty=None, clean_logits=None):
+        # clean_logits: eval-mode logits an extension (TE) already computed serve as the KL target
+        return self.make_attack(model)(x, y, penalty=penalty, clean_logits=clean_logits)
 
-    def loss(self, model, x, x_adv, y, index, epoch):
+    def training_logits(self, model, x, x_adv):
+        # clean first: the order of the forward passes sets BatchNorm's running statistics
         logits_clean = model(x)
-        logits_adv = model(x_adv)
-        loss = F.cross_entropy(logits_clean, y) + self.beta * trades_kl(logits_adv, logits_clean)
-        return loss, {"train_adv_acc": (logits_adv.argmax(1) == y).float().mean()}
+        return {"clean": logits_clean, "adv": model(x_adv)}
+
+    def base_loss(self, logits, y):
+        clean, adv = logits["clean"], logits["adv"]
+        return F.cross_entropy(clean, y) + self.beta * trades_kl(adv, clean), {}

@@ -1,10 +1,10 @@
-"""``AWPMixin``: adversarial weight perturbation (Wu, Xia & Wang, NeurIPS 2020) for any method.
+"""``AdversarialWeightPerturbation``: AWP (Wu, Xia & Wang, NeurIPS 2020) as an extension of any method.
 
 After the authors' code, csdongxian/AWP@a7acf5d842fccf1bbb4b91644352ce157d370a26
 (``AT_AWP/utils_awp.py`` and ``AT_AWP/train_cifar10.py``; ``trades_AWP/utils_awp.py`` and
 ``trades_AWP/train_trades_cifar.py``). Every step, once the adversarial examples are made:
 
-1. ``calc_awp``: a proxy (a copy of the model, loaded with the model's weights and buffers, in train
+1. ``calc_awp`` (hook ``before_loss``): a proxy (a copy of the model, loaded with the model's weights and buffers, in train
    mode) takes one plain SGD step (no momentum, no weight decay) on *minus* the method's own
    training loss (PGD-AT: -CE(adv), TRADES: -(CE(clean) + beta * KL), as the reference's). For
    every weight ``w`` whose name contains "weight" and which has more than one dimension
@@ -46,7 +46,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from at_memorization.methods import MethodError
+from at_memorization.methods import Extension, Hyperparameter, MethodError
 
 AWP_EPS = 1e-20  # utils_awp.py's EPS
 
@@ -57,73 +57,82 @@ def awp_weight_names(model: torch.nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if "weight" in name and p.dim() > 1 and p.requires_grad]
 
 
-class AWPMixin:
-    """Adds AWP to the method next in the MRO, e.g. ``class PGDATAWP(AWPMixin, PGDAT)``.
+AWP_HYPERPARAMETERS = (
+    Hyperparameter("awp_gamma", float, None, "AWP: size of the weight perturbation relative to each layer's weight "
+                   "norm, 0 for none (the reference's: 0.01 for pgd-at-awp and pgd-at-te-awp, 0.005 for trades-awp)"),
+    Hyperparameter("awp_warmup", int, None, "AWP: epochs trained without it before it starts (the reference's: 0; "
+                   "trades-awp: 9 of 200 epochs, 4.5% of other lengths rounded down)"),
+)
 
-    Hyperparameters ``awp_gamma`` and ``awp_warmup`` (None: the class's reference defaults below).
-    AWP is on from epoch ``awp_warmup + 1`` (epochs count from 1) while ``awp_gamma > 0``.
+
+class AdversarialWeightPerturbation(Extension):
+    """AWP for the method that lists it in ``extensions``, e.g. ``pgd-at-awp``.
+
+    Settings ``awp_gamma`` and ``awp_warmup`` (None: the method class's reference defaults,
+    ``awp_default_gamma`` and ``awp_default_warmup``, and its proxy learning rate ``awp_proxy_lr``).
+    AWP is on from epoch ``awp_warmup + 1`` (epochs count from 1) while ``awp_gamma > 0``. What the
+    perturbation ascends is the method's own training loss, its other extensions' terms included.
     """
 
-    awp_default_gamma: float = 0.01
-    # Warm-up epochs of a 200-epoch run; other lengths get the same fraction, rounded down.
-    awp_default_warmup: int = 0
-    # The proxy's SGD learning rate. The rescaling to ||w|| cancels it (up to rounding).
-    awp_proxy_lr: float = 0.01
+    key = "awp"
+    hyperparameters = AWP_HYPERPARAMETERS
 
-    def __init__(self, setup, **hparams):
-        super().__init__(setup, **hparams)  # the method next in the MRO
-        self._init_awp(setup)
-
-    def _init_awp(self, setup) -> None:
-        h = self.hparams
+    def __init__(self, method):
+        super().__init__(method)
+        setup, h, name = method.setup, method.settings, method.name
+        # Warm-up epochs of a 200-epoch run; other lengths get the same fraction, rounded down.
+        default_gamma = getattr(method, "awp_default_gamma", 0.01)
+        default_warmup = getattr(method, "awp_default_warmup", 0)
+        # The proxy's SGD learning rate. The rescaling to ||w|| cancels it (up to rounding).
+        self.proxy_lr = getattr(method, "awp_proxy_lr", 0.01)
         if h["awp_gamma"] is None:
-            h["awp_gamma"] = float(self.awp_default_gamma)
+            h["awp_gamma"] = float(default_gamma)
         if h["awp_warmup"] is None:
-            h["awp_warmup"] = self.awp_default_warmup * setup.epochs // 200
-            if h["awp_warmup"] != self.awp_default_warmup:
-                self.notes.append(f"AWP: {setup.epochs} epochs, so AWP starts at epoch {h['awp_warmup'] + 1} "
-                                  f"(the reference's {self.awp_default_warmup + 1} of 200)")
+            h["awp_warmup"] = default_warmup * setup.epochs // 200
+            if h["awp_warmup"] != default_warmup:
+                method.notes.append(f"AWP: {setup.epochs} epochs, so AWP starts at epoch {h['awp_warmup'] + 1} "
+                                    f"(the reference's {default_warmup + 1} of 200)")
         gamma, warmup = h["awp_gamma"], h["awp_warmup"]
         if not (math.isfinite(gamma) and gamma >= 0):
-            raise MethodError(f"{self.name}: --awp-gamma must be a number >= 0 (0: no AWP), got {gamma}")
+            raise MethodError(f"{name}: --awp-gamma must be a number >= 0 (0: no AWP), got {gamma}")
         if warmup < 0:
-            raise MethodError(f"{self.name}: --awp-warmup must be >= 0, got {warmup}")
+            raise MethodError(f"{name}: --awp-warmup must be >= 0, got {warmup}")
         if gamma > 0 and warmup >= setup.epochs:
-            raise MethodError(f"{self.name}: AWP starts after {warmup} epochs (--awp-warmup) but the run has "
+            raise MethodError(f"{name}: AWP starts after {warmup} epochs (--awp-warmup) but the run has "
                               f"{setup.epochs} epochs, so AWP would never switch on; use --awp-warmup < "
                               f"{setup.epochs} (or --awp-gamma 0 to train without AWP)")
-        self.awp_gamma, self.awp_warmup = gamma, warmup
-        self._awp_model = None  # the model the proxy was copied from
-        self._awp_proxy = None
-        self._awp_proxy_optimizer = None
-        self._awp_saved = None  # [(parameter, its unperturbed value)] between perturb and restore
+        self.gamma, self.warmup = gamma, warmup
+        self._model = None  # the model the proxy was copied from
+        self._proxy = None
+        self._proxy_optimizer = None
+        self._saved = None  # [(parameter, its unperturbed value)] between perturb and restore
 
     # ------------------------------------------------------------------ the schedule
-    def awp_active(self, epoch: int) -> bool:
-        return self.awp_gamma > 0 and epoch > self.awp_warmup
+    def active(self, epoch: int) -> bool:
+        return self.gamma > 0 and epoch > self.warmup
 
     def on_epoch_start(self, epoch):
-        return {**super().on_epoch_start(epoch), "awp_gamma": self.awp_gamma if self.awp_active(epoch) else 0.0}
+        return {"awp_gamma_now": self.gamma if self.active(epoch) else 0.0}
 
     # ------------------------------------------------------------------ the reference's AdvWeightPerturb
-    def awp_loss(self, proxy, x, x_adv, y, index, epoch) -> torch.Tensor:
+    def objective(self, proxy, x, x_adv, y, index, epoch) -> torch.Tensor:
         """What the weight perturbation maximizes: the method's own training loss (on the proxy)."""
-        return self.loss(proxy, x, x_adv, y, index, epoch)[0]
+        return self.method.loss(proxy, x, x_adv, y, index, epoch)[0]
 
     def _proxy_for(self, model: torch.nn.Module):
-        if self._awp_proxy is None or self._awp_model is not model:
+        if self._proxy is None or self._model is not model:
             proxy = copy.deepcopy(model)
             for p in proxy.parameters():
                 p.grad = None
             names = set(awp_weight_names(model))
-            self._awp_names = [name for name, _ in model.named_parameters() if name in names]
+            self._names = [name for name, _ in model.named_parameters() if name in names]
             proxy_params = dict(proxy.named_parameters())
-            self._awp_proxy_weights = [proxy_params[name] for name in self._awp_names]
-            self._awp_proxy, self._awp_model = proxy, model
+            self._proxy_weights = [proxy_params[name] for name in self._names]
+            self._proxy, self._model = proxy, model
             # Plain SGD (no momentum: no state). Only the perturbed weights are stepped: the others'
             # steps (the reference takes them) are never read.
-            self._awp_proxy_optimizer = torch.optim.SGD(self._awp_proxy_weights, lr=self.awp_proxy_lr)
-        return self._awp_proxy
+            self._proxy_optimizer = torch.optim.SGD(self._proxy_weights, lr=self.proxy_lr)
+        return self._proxy
 
     def calc_awp(self, model, x, x_adv, y, index, epoch) -> "OrderedDict[str, torch.Tensor]":
         """The unscaled perturbation ``v`` by parameter name (``AdvWeightPerturb.calc_awp``)."""
@@ -131,15 +140,15 @@ class AWPMixin:
         proxy.load_state_dict(model.state_dict())
         proxy.train()
         with torch.enable_grad():
-            loss = -self.awp_loss(proxy, x, x_adv, y, index, epoch)
-            self._awp_proxy_optimizer.zero_grad()
+            loss = -self.objective(proxy, x, x_adv, y, index, epoch)
+            self._proxy_optimizer.zero_grad()
             loss.backward()
         self._average_proxy_gradients()
-        self._awp_proxy_optimizer.step()
+        self._proxy_optimizer.step()
         model_params = dict(model.named_parameters())
         diff = OrderedDict()
         with torch.no_grad():
-            for name, new_w in zip(self._awp_names, self._awp_proxy_weights):
+            for name, new_w in zip(self._names, self._proxy_weights):
                 old_w = model_params[name]
                 diff_w = new_w - old_w
                 diff[name] = old_w.norm() / (diff_w.norm() + AWP_EPS) * diff_w
@@ -148,7 +157,7 @@ class AWPMixin:
     def _average_proxy_gradients(self) -> None:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        grads = [p.grad for p in self._awp_proxy_weights if p.grad is not None]
+        grads = [p.grad for p in self._proxy_weights if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -161,21 +170,21 @@ class AWPMixin:
 
     def perturb(self, model, diff) -> None:
         """``w <- w + gamma * v``, keeping ``w`` for ``restore``."""
-        if self._awp_saved is not None:  # a perturbation never restored: undo it first
+        if self._saved is not None:  # a perturbation never restored: undo it first
             self.restore(model, None)
         saved = []
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in diff:
                     saved.append((param, param.detach().clone()))
-                    param.add_(1.0 * self.awp_gamma * diff[name])
-        self._awp_saved = saved
+                    param.add_(1.0 * self.gamma * diff[name])
+        self._saved = saved
 
     def restore(self, model, optimizer) -> None:
         """The saved ``w`` back; for torch SGD with weight decay, the gradient gets the decay of the
         perturbation, ``weight_decay * (w_perturbed - w)``, that the reference's step (taken at the
         perturbed weights) applies."""
-        saved, self._awp_saved = self._awp_saved, None
+        saved, self._saved = self._saved, None
         if not saved:
             return
         decay = {}
@@ -196,10 +205,8 @@ class AWPMixin:
 
     # ------------------------------------------------------------------ the trainer's hooks
     def before_loss(self, model, x, x_adv, y, index, epoch):
-        super().before_loss(model, x, x_adv, y, index, epoch)
-        if self.awp_active(epoch):
+        if self.active(epoch):
             self.perturb(model, self.calc_awp(model, x, x_adv, y, index, epoch))
 
     def before_step(self, model, optimizer, epoch):
         self.restore(model, optimizer)
-        super().before_step(model, optimizer, epoch)

@@ -23,13 +23,14 @@ class MART(Method):
     name = "mart"
     description = "MART (Wang et al. 2020): CE + BCE on adv + beta * KL(adv || clean) * (1 - p_y(clean)), Linf"
     hyperparameters = (Hyperparameter("mart_beta", float, 6.0, "MART: weight of the misclassification-aware KL term"),)
+    regularized_logits = "adv"  # an extension's loss term applies to the adversarial logits, as for PGD-AT
 
-    def __init__(self, setup, **hparams):
-        super().__init__(setup, **hparams)
+    def __init__(self, setup, **method_args):
+        super().__init__(setup, **method_args)
         if setup.norm != "Linf":
             raise MethodError(f"{self.name} supports the Linf threat model only (the reference code has no L2 "
                               f"attack), got norm {setup.norm!r}")
-        self.beta = self.hparams["mart_beta"]
+        self.beta = self.settings["mart_beta"]
         if not self.beta >= 0:  # also NaN
             raise MethodError(f"{self.name}: --mart-beta must be a number >= 0, got {self.beta}")
 
@@ -37,15 +38,11 @@ class MART(Method):
         s = self.setup
         return MARTPGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps)
 
-    def attack(self, model, x, y, index, epoch):
-        # torchattacks puts the model in eval mode for the attack and restores it, as mart.py does
-        return self.make_attack(model)(x, y)
-
-    def loss(self, model, x, x_adv, y, index, epoch):
+    def training_logits(self, model, x, x_adv):
         # The order of the two forward passes is the reference's (it sets BatchNorm's running statistics).
         logits_clean = model(x)
-        logits_adv = model(x_adv)
-        loss_adv, loss_robust = mart_terms(logits_clean, logits_adv, y)
-        loss = loss_adv + self.beta * loss_robust
-        return loss, {"train_adv_acc": (logits_adv.argmax(1) == y).float().mean(),
-                      "mart_adv_loss": loss_adv, "mart_kl_loss": loss_robust}
+        return {"clean": logits_clean, "adv": model(x_adv)}
+
+    def base_loss(self, logits, y):
+        loss_adv, loss_robust = mart_terms(logits["clean"], logits["adv"], y)
+        return loss_adv + self.beta * loss_robust, {"mart_adv_loss": loss_adv, "mart_kl_loss": loss_robust}
