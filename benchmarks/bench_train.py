@@ -304,21 +304,26 @@ def epoch_estimate(args, out_root, peak) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The device, model, data and attack options of the benchmarks (also benchmarks/profile_step.py)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="preactresnet18")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="attack steps (PGD-10 by default)")
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--step-size", type=float, default=2 / 255)
-    parser.add_argument("--iters", type=int, default=20, help="training steps per timing")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed passes over the --iters batches")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per side (the fastest and the median are reported)")
     parser.add_argument("--dataset", default="cifar10", choices=list(DATASETS))
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpg/cifar10-jpg")
     parser.add_argument("--random-data", action="store_true", help="random uint8 images instead of real data (recorded in the JSON)")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--iters", type=int, default=20, help="training steps per timing")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes over the --iters batches")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per side (the fastest and the median are reported)")
     parser.add_argument("--bf16", action="store_true", help="package path: bf16 autocast (the reference stays fp32)")
     parser.add_argument("--channels-last", action="store_true", help="package path: channels_last")
     parser.add_argument("--compile", action="store_true", help="package path: torch.compile")

@@ -36,9 +36,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import device_name, make_data, package_trainer, sync, versions  # noqa: E402
+from bench_train import add_run_arguments, device_name, make_data, package_trainer, sync, versions  # noqa: E402
 
-from at_memorization.data import DATASETS  # noqa: E402
 from at_memorization.checkpoint import write_text_atomic  # noqa: E402
 
 VARIANTS = ("eager", "compile", "compile_cudagraphs")
@@ -100,18 +99,10 @@ def profile_variant(variant: str, args, bundle, out_root) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default="preactresnet18")
+    add_run_arguments(parser)
     parser.add_argument("--method", default="pgd-at")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="attack steps (PGD-10 by default)")
-    parser.add_argument("--eps", type=float, default=8 / 255)
-    parser.add_argument("--step-size", type=float, default=2 / 255)
     parser.add_argument("--iters", type=int, default=10, help="training steps profiled")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes before the profiled one")
-    parser.add_argument("--dataset", default="cifar10", choices=list(DATASETS))
-    parser.add_argument("--data-dir", default="../shared/data/cifar10-jpg/cifar10-jpg")
-    parser.add_argument("--random-data", action="store_true")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 instead of bf16 autocast")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
