@@ -19,7 +19,7 @@ from . import _quiet  # noqa: F401  (first: keeps third-party deprecation warnin
 from . import __version__
 from .checkpoint import write_text_atomic
 from .data import DATASETS, INPUT_NOISE_KINDS
-from .methods import TrainingSetup, discover
+from .methods import MethodError, TrainingSetup, discover
 from .methods.registry import all_hyperparameters
 from .models import model_names
 from .training import PRESETS, resolved_method_settings
@@ -71,7 +71,10 @@ def methods_command():
         try:
             cls = entry.load()
             description = cls.description
-            defaults = cls(paper_setup).settings
+            try:
+                defaults = cls(paper_setup).settings
+            except MethodError:  # e.g. a method for another threat model: its declared defaults
+                defaults = {h.name: "derived" if h.default is None else h.default for h in cls.hyperparameters}
             options = " ".join(f"{h.flag} {defaults.get(h.name)!s}" for h in cls.hyperparameters)
         except Exception as error:  # a broken plugin is reported, not fatal
             description, options = f"(fails to load: {type(error).__name__}: {error})", ""
@@ -226,8 +229,7 @@ def train_command(method, preset, out_dir, config_file, print_config, resume, ov
                           overrides=override_values, allow_data_change=allow_data_change,
                           checkpoint_every_steps=checkpoint_every_steps)
         if trainer.start_epoch > config.epochs:
-            trainer.close()
-            trainer.ctx.shutdown()
+            trainer.shutdown()
             click.echo(f"{out_dir} already finished all {config.epochs} epochs")
             return
         stop.trainer = trainer
@@ -236,14 +238,14 @@ def train_command(method, preset, out_dir, config_file, print_config, resume, ov
                    f"{len(trainer.data.test)} test) with {config.model} on {trainer.ctx.device}; writing {out_dir}", err=True)
         try:
             trainer.fit()
-            trainer.ctx.shutdown()
+            trainer.shutdown()
         except TrainingInterrupted as stopped:
             callbacks.close_bar()
             resume_hint = ("continue with the same command and --resume" if stopped.saved else
                            "nothing was trained yet: start again with the same command")
             where = f"; saved {out_dir / 'last.pt'}" if stopped.step else ""
             say(f"{stopped}{where}; {resume_hint}", err=True)
-            trainer.ctx.shutdown()  # every process stopped at the same step
+            trainer.shutdown()  # every process stopped at the same step
             sys.exit(128 + stop.signum if stop.signum else 1)
     best = trainer.best
     say(f"done: best epoch {best['epoch']} (test robust {best['test_robust_acc']:.4f}, "

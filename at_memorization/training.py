@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import hashlib
 import json
 import math
@@ -365,6 +366,16 @@ class Trainer:
     def close(self) -> None:
         """Release the run folder's lock (``fit`` does so when it returns or fails)."""
         self.lock.release()
+
+    def shutdown(self) -> None:
+        """After the last ``fit``: release the lock, drop the DDP wrapper and tear the process group
+        down with every process. DDP holds the group's backend (gloo's threads and their tensors);
+        freed only at interpreter exit, those can abort the process (exit status -6) after a
+        finished run."""
+        self.close()
+        self.train_model = self.attack_model = self.model
+        gc.collect()
+        self.ctx.shutdown()
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop at the next step boundary, saving a checkpoint (safe in a signal handler)."""

@@ -13,9 +13,10 @@ compiled model changes. For each variant it runs the package's own ``Trainer.tra
   launch-bound step has a low busy fraction: the GPU waits for the host;
 - the ten operators with the most device time and the ten with the most host time.
 
-Variants: ``eager`` (bf16 + channels_last, the package's fast path), ``compile`` (the same with
-``--compile``: ``torch.compile`` default mode) and ``compile_cudagraphs`` (``mode="reduce-overhead"``,
-CUDA graphs: many kernels, one launch). A variant that fails records its error and the others go on.
+Variants: ``eager`` (bf16 + channels_last, the package's fast path), ``compile`` (``torch.compile``
+in its default mode: fused kernels, launched one by one) and ``compile_cudagraphs``
+(``mode="reduce-overhead"``, CUDA graphs: many kernels, one launch; what the package's ``--compile``
+does on CUDA). A variant that fails records its error and the others go on.
 
     python benchmarks/profile_step.py --device cuda --dataset imagefolder --data-dir DIR --output out.json
     python benchmarks/profile_step.py --device cpu --dataset mnist --data-dir ../shared/data/mnist \\
@@ -52,12 +53,13 @@ def top_ops(events, key: str, n: int = 10) -> list[dict]:
 
 
 def profile_variant(variant: str, args, bundle, out_root) -> dict:
-    args.compile = variant != "eager"
+    args.compile = False  # the variants compile here, each in its own mode
     trainer = package_trainer(args.method, args.model, bundle, args, out_root)
     try:
-        if variant == "compile_cudagraphs":  # the package's --compile uses the default mode
-            compiled = torch.compile(trainer.model, mode="reduce-overhead")
-            trainer.attack_model = trainer.train_model = compiled
+        if variant != "eager":
+            mode = "reduce-overhead" if variant == "compile_cudagraphs" else None
+            trainer.attack_model = trainer.train_model = torch.compile(trainer.model, mode=mode, dynamic=False)
+            trainer._cuda_graphs = mode == "reduce-overhead" and args.device.type == "cuda"  # as --compile does
         steps = len(bundle.train) // args.batch_size
         started = time.perf_counter()
         for _ in range(args.warmup):  # compilation, cuDNN autotuning, CUDA-graph recording

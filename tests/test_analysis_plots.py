@@ -83,3 +83,13 @@ def test_plot_groups_overlays_methods(tmp_path):
     assert four[0] > 1.5 * two[0]
     with pytest.raises(ValueError):
         plot_groups([], tmp_path / "none.png")
+
+
+def test_te_weight_is_read_under_both_names_per_record():
+    from at_memorization.analysis.plots import _te_weight_series
+
+    resumed = records(5, te=True)  # te_weight, as runs logged it before it was named te_weight_now
+    for r in resumed[3:]:  # the epochs after a resume with the renamed metric
+        r["te_weight_now"] = r.pop("te_weight")
+    assert _te_weight_series(resumed) == ([1, 2, 3, 4, 5], [0.0, 0.0, 30.0, 60.0, 90.0])
+    assert _te_weight_series(records(3)) == ([], [])

@@ -492,6 +492,8 @@ WORKER = textwrap.dedent("""
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as handle:
             json.dump({"ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered)}, handle)
+    del flat, gathered
+    trainers.pop().shutdown()  # drops DDP (which holds gloo's threads) before the group goes (else exit -6)
     dist.barrier()  # tear down together: a rank leaving gloo early can abort the other (exit -6)
     dist.destroy_process_group()
 """)

@@ -118,3 +118,33 @@ def test_hooks_run_in_order_and_unwind_in_reverse_and_terms_add_up():
         method.load_state_dict({})
     with pytest.raises(KeyError, match="has no extension 'te'"):
         method.extension("te")
+
+
+def test_composition_mistakes_fail_when_the_class_is_written():
+    class NoKey(Extension):
+        pass
+
+    with pytest.raises(TypeError, match="own non-empty key"):
+        type("Bad", (PGDAT,), {"name": "bad", "extensions": (NoKey,)})
+    with pytest.raises(TypeError, match="own non-empty key"):
+        type("Twice", (PGDAT,), {"name": "twice", "extensions": (TemporalEnsembling, TemporalEnsembling)})
+
+    def loss(self, model, x, x_adv, y, index, epoch):
+        return model(x_adv).sum(), {}
+
+    # an overridden loss would skip the extensions' terms while their attack penalty still applied
+    with pytest.raises(TypeError, match="writes run_attack, training_logits and base_loss"):
+        type("Halves", (PGDAT,), {"name": "halves", "extensions": (TemporalEnsembling,), "loss": loss})
+
+
+def test_an_extension_with_undeclared_state_is_refused_rather_than_lost_on_resume():
+    class Forgetful(Extension):
+        key = "forgetful"
+
+        def state_dict(self):
+            return {"count": torch.tensor(1)}
+
+    method = type("F", (PGDAT,), {"name": "f", "extensions": (Forgetful,)})(
+        TrainingSetup(num_samples=6, num_classes=4, epochs=2))
+    with pytest.raises(TypeError, match="does not declare has_state"):
+        method.state_dict()

@@ -33,11 +33,10 @@ TE_WEIGHT_KEYS = ("te_weight_now", "te_weight")
 
 
 def _te_weight_series(records):
-    for key in TE_WEIGHT_KEYS:
-        epochs, values = _series(records, key)
-        if epochs:
-            return epochs, values
-    return [], []
+    # per record: a run resumed across the rename holds both names
+    points = [(r["epoch"], next(r[key] for key in TE_WEIGHT_KEYS if r.get(key) is not None)) for r in records
+              if any(r.get(key) is not None for key in TE_WEIGHT_KEYS)]
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:

@@ -148,6 +148,13 @@ class Method:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        keys = [extension.key for extension in cls.extensions]
+        if cls.extensions and (not all(keys) or len(set(keys)) != len(keys)):
+            raise TypeError(f"{cls.__name__}: each extension needs its own non-empty key, got {keys}")
+        if cls.extensions and (cls.attack is not Method.attack or cls.loss is not Method.loss):
+            # an overridden attack or loss would apply the extensions by halves, silently
+            raise TypeError(f"{cls.__name__}: a method with extensions writes run_attack, training_logits and "
+                            f"base_loss, not attack or loss")
         names = {h.name for h in cls.hyperparameters}
         added = tuple(h for extension in cls.extensions for h in extension.hyperparameters if h.name not in names)
         if added:
@@ -247,7 +254,14 @@ class Method:
         return self
 
     def state_dict(self) -> dict:
-        return {key: extension.state_dict() for key, extension in self._extensions.items() if extension.has_state}
+        state = {}
+        for key, extension in self._extensions.items():
+            extension_state = extension.state_dict()
+            if extension.has_state:
+                state[key] = extension_state
+            elif extension_state:  # it would be lost on resume, silently
+                raise TypeError(f"extension {key!r} returns state but does not declare has_state = True")
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for key, extension in self._extensions.items():

@@ -33,7 +33,7 @@ Where this differs from the reference, and why the update is still the reference
   underflows).
 
 The proxy is a plain ``nn.Module`` (``copy.deepcopy`` of the model at first use) kept on the
-method object. It is reloaded from the model at every step and its optimizer keeps no state
+extension object. It is reloaded from the model at every step and its optimizer keeps no state
 (SGD without momentum), so nothing of AWP goes into the checkpoint: a resumed run is exact.
 """
 
