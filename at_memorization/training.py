@@ -137,9 +137,7 @@ class RunConfig:
 
     def validate(self) -> None:
         problems = []
-        # the checks read resolved values (weight decay, milestones, ...), not the unresolved Nones
-        unresolved = any(getattr(self, key) is None for key in (*DERIVED_DEFAULTS, "milestones"))
-        config = self.resolve() if unresolved else self
+        config = self.resolve()  # the checks read resolved values (weight decay, milestones, ...)
         for name in ("lr", "momentum", "weight_decay", "lr_gamma", "eps", "step_size", "label_noise",
                      "input_noise_fraction", "drop_rate"):
             value = getattr(config, name)
@@ -323,7 +321,8 @@ class Trainer:
         on_cuda = self.ctx.device.type == "cuda"
         # On CUDA, compile with CUDA graphs: a PGD-10 step of PreActResNet-18 issues ~2,250 kernel
         # launches and the GPU idled 77% of the step waiting for them (profiled on an H200);
-        # replaying graphs measured 2.5-3.9x the throughput (docs/benchmarks.md). DDP's hooks cannot
+        # replaying graphs measured 2.3-2.9x the eager throughput in the benchmark (docs/benchmarks.md;
+        # not yet in a run with a smaller last batch: see dynamic=False below). DDP's hooks cannot
         # be captured, so a DDP-wrapped update is compiled without graphs. dynamic=False: the last,
         # smaller batch of an epoch gets its own static graph instead of turning every batch's graph
         # into a dynamic-shape one (what dynamo does by default on a second shape).
@@ -410,14 +409,11 @@ class Trainer:
                                     f"means); these can: {allowed}")
         saved_args = dict(saved.get("method_args", {}))
         changes = {}
-        for key in self.overrides:
-            old = saved_args.get(key) if key in hyperparameters else saved.get(key)
-            new = self.config.method_args.get(key) if key in hyperparameters else current[key]
+        for key in self.overrides:  # old and new values; a method setting leaves the comparison below
+            old, new = ((saved_args.pop(key, None), self.config.method_args.get(key)) if key in hyperparameters
+                        else (saved.get(key), current[key]))
             if old != new:
                 changes[key] = [old, new]
-        for key in self.overrides:
-            if key in hyperparameters:
-                saved_args.pop(key, None)
         given_args = {k: v for k, v in self.config.method_args.items() if k not in self.overrides}
         differing = [k for k in current if k not in RunConfig.RESUMABLE_CHANGES and k not in self.overrides
                      and k != "method_args" and saved.get(k) != current[k]]

@@ -193,10 +193,7 @@ def package_trainer(method, model_name, bundle, args, out_root) -> Trainer:
                        lr=0.01, milestones=[100], eps=args.eps, step_size=args.step_size, steps=args.steps,
                        seed=0, bf16=args.bf16, channels_last=args.channels_last, compile=args.compile,
                        method_args=method_args)
-    trainer = Trainer(config, Path(tempfile.mkdtemp(dir=out_root)) / method, device=str(args.device), data=bundle)
-    if args.compile and getattr(args, "compile_mode", None):  # e.g. reduce-overhead: CUDA graphs
-        trainer.attack_model = trainer.train_model = torch.compile(trainer.model, mode=args.compile_mode)
-    return trainer
+    return Trainer(config, Path(tempfile.mkdtemp(dir=out_root)) / method, device=str(args.device), data=bundle)
 
 
 def time_method(method, model_name, bundle, args, out_root, with_reference=True) -> dict:
@@ -327,7 +324,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--bf16", action="store_true", help="package path: bf16 autocast (the reference stays fp32)")
     parser.add_argument("--channels-last", action="store_true", help="package path: channels_last")
     parser.add_argument("--compile", action="store_true", help="package path: torch.compile")
-    parser.add_argument("--compile-mode", default=None, help="with --compile: torch.compile's mode (e.g. reduce-overhead)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--epoch-estimate", action="store_true",
                         help="also seconds per CIFAR-10 epoch of PGD-AT and MFU for --estimate-models x --estimate-batches")
@@ -371,7 +367,7 @@ def main(argv=None) -> dict:
         "settings": {"model": args.model, "batch_size": args.batch_size, "attack_steps": args.steps,
                      "eps": args.eps, "step_size": args.step_size, "iters": args.iters, "warmup": args.warmup,
                      "repeats": args.repeats, "data": source, "bf16": args.bf16,
-                     "channels_last": args.channels_last, "compile": args.compile, "compile_mode": args.compile_mode,
+                     "channels_last": args.channels_last, "compile": args.compile,
                      "te": {"active": True, "weight_at_timed_epoch": TE["weight"],
                             "note": "timed at epoch 2 with te_start=1, te_end=2 (full weight); before te_start "
                                     "the TE methods skip the ensemble update and penalty, costing nothing"}},

@@ -14,11 +14,15 @@ def invoke(*args):
 
 
 def assert_one_line_error(result, *words, exit_code=None):
-    """Non-zero exit (or ``exit_code``), one `Error: ...` line holding every word, and no traceback."""
-    output = result.output
-    assert result.exit_code != 0 if exit_code is None else result.exit_code == exit_code, output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in output
+    """Non-zero exit (or ``exit_code``), one `Error: ...` line holding every word, no traceback and no
+    "Aborted!". ``result``: a CliRunner result, or a ``subprocess.CompletedProcess`` of the CLI."""
+    if hasattr(result, "returncode"):
+        output, code, exception = result.stdout + result.stderr, result.returncode, None
+    else:
+        output, code, exception = result.output, result.exit_code, result.exception
+    assert code != 0 if exit_code is None else code == exit_code, output
+    assert exception is None or isinstance(exception, SystemExit), repr(exception)
+    assert "Traceback" not in output and "Aborted!" not in output, output
     errors = [line for line in output.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, output
     for word in words:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_testing import invoke
+from cli_testing import assert_one_line_error, invoke
 
 from at_memorization import checkpoint as ckpt
 from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingInterrupted
@@ -45,17 +45,6 @@ def _cli(*args, timeout=300):
 
 
 _invoke = invoke
-
-
-def _one_line_error(result, *words):
-    output = result.output if hasattr(result, "output") else result.stdout + result.stderr
-    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
-    assert code not in (0, None), output
-    errors = [line for line in output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "Traceback" not in output and "Aborted!" not in output, output
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-    return errors[0]
 
 
 def _config(mnist_dir, **overrides) -> RunConfig:
@@ -119,7 +108,7 @@ def test_second_process_on_a_busy_run_folder_stops_at_once_naming_the_holder(mni
         assert (run / ".lock").exists(), "the first process never took the lock"
         for extra in ([], ["--resume"]):
             second = _cli(*_args(mnist_dir, run, *extra, epochs=200, train_size=512))
-            message = _one_line_error(second, "is in use by PID", str(first.pid), "this host")
+            message = assert_one_line_error(second, "is in use by PID", str(first.pid), "this host")
             assert str(run / ".lock") in message
         assert first.poll() is None  # the first run goes on, undisturbed
     finally:
@@ -145,7 +134,7 @@ def test_a_lock_held_on_another_host_blocks_with_advice(mnist_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / ".lock").write_text(json.dumps({"pid": 1234, "host": "gpu-node-7", "started": "2026-11-26T01:00:00"}))
-    _one_line_error(_invoke(*_args(mnist_dir, run)), "in use by PID 1234 on host gpu-node-7", "delete")
+    assert_one_line_error(_invoke(*_args(mnist_dir, run)), "in use by PID 1234 on host gpu-node-7", "delete")
 
 
 # --------------------------------------------------------------------------- 2. data fingerprint
@@ -170,7 +159,7 @@ def test_resume_on_different_training_data_is_refused_unless_deliberate(mnist_di
     assert len(saved) == 64 and ckpt.load_checkpoint(run / "last.pt")["data_fingerprint"] == saved
     other = _mnist_copy_with_changed_labels(mnist_dir, tmp_path / "other", changed=100)
     args = _args(other, run, "--resume", epochs=2)
-    _one_line_error(_invoke(*args), "training data differ", saved[:12], "--allow-data-change")
+    assert_one_line_error(_invoke(*args), "training data differ", saved[:12], "--allow-data-change")
     assert [r["epoch"] for r in _metrics(run)] == [1]
     result = _invoke(*args, "--allow-data-change")
     assert result.exit_code == 0, result.output
@@ -187,7 +176,7 @@ def test_resume_on_different_training_data_is_refused_unless_deliberate(mnist_di
 def test_te_that_would_never_switch_on_is_an_error(mnist_dir, tmp_path):
     # Before: trained plain PGD-AT and exited 0.
     result = _invoke(*_args(mnist_dir, tmp_path / "run", "--method", "pgd-at-te", "--te-start", 5, "--te-end", 9))
-    _one_line_error(result, "TE starts at epoch 5", "2 epochs", "never switch on")
+    assert_one_line_error(result, "TE starts at epoch 5", "2 epochs", "never switch on")
     assert not (tmp_path / "run").exists()
 
 
@@ -317,7 +306,7 @@ def test_both_last_checkpoints_unreadable_names_best_as_the_last_resort(mnist_di
     assert _invoke(*_args(mnist_dir, run, epochs=2)).exit_code == 0
     for name in ("last.pt", "last-prev.pt"):
         (run / name).write_bytes(b"not a checkpoint")
-    message = _one_line_error(_invoke(*_args(mnist_dir, run, "--resume", epochs=2)), "no readable checkpoint")
+    message = assert_one_line_error(_invoke(*_args(mnist_dir, run, "--resume", epochs=2)), "no readable checkpoint")
     assert str(run / "best.pt") in message and "copy it to" in message
 
 
@@ -326,7 +315,7 @@ def test_resume_with_a_recorded_override(mnist_dir, tmp_path):
     # Before: "try a lower --lr", but `--resume --lr 0.05` was refused (config differs).
     run = tmp_path / "run"
     _killed_run(mnist_dir, run, tmp_path)
-    _one_line_error(_invoke(*_args(mnist_dir, run, "--resume", "--lr", 0.01, epochs=2)), "differs", "'lr'",
+    assert_one_line_error(_invoke(*_args(mnist_dir, run, "--resume", "--lr", 0.01, epochs=2)), "differs", "'lr'",
                     "--override lr=VALUE")
     result = _invoke(*_args(mnist_dir, run, "--resume", "--override", "lr=0.01", epochs=2))
     assert result.exit_code == 0, result.output
@@ -344,11 +333,11 @@ def test_resume_with_a_recorded_override(mnist_dir, tmp_path):
 def test_bad_overrides_are_one_line_errors(override, words, mnist_dir, tmp_path):
     run = tmp_path / "run"
     _killed_run(mnist_dir, run, tmp_path)
-    _one_line_error(_invoke(*_args(mnist_dir, run, "--resume", "--override", override, epochs=2)), *words)
+    assert_one_line_error(_invoke(*_args(mnist_dir, run, "--resume", "--override", override, epochs=2)), *words)
 
 
 def test_override_without_resume_is_refused(mnist_dir, tmp_path):
-    _one_line_error(_invoke(*_args(mnist_dir, tmp_path / "run", "--override", "lr=0.01")), "--resume only")
+    assert_one_line_error(_invoke(*_args(mnist_dir, tmp_path / "run", "--override", "lr=0.01")), "--resume only")
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -360,7 +349,7 @@ def test_override_without_resume_is_refused(mnist_dir, tmp_path):
     (["--method", "pgd-at-te", "--te-weight", "-1"], ["--te-weight must be >= 0"]),
 ])
 def test_non_finite_or_negative_settings_fail_up_front(flags, words, mnist_dir, tmp_path):
-    _one_line_error(_invoke(*_args(mnist_dir, tmp_path / "run", *flags)), *words)
+    assert_one_line_error(_invoke(*_args(mnist_dir, tmp_path / "run", *flags)), *words)
     assert not (tmp_path / "run").exists()
 
 
@@ -381,8 +370,8 @@ def test_out_that_is_a_file_or_under_a_file_fails_before_loading_data(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     missing = tmp_path / "no-data"
-    _one_line_error(_invoke(*_args(missing, afile)), "is a file, not a folder")
-    _one_line_error(_invoke(*_args(missing, afile / "run")), "is a file, so no folder can be made under it")
+    assert_one_line_error(_invoke(*_args(missing, afile)), "is a file, not a folder")
+    assert_one_line_error(_invoke(*_args(missing, afile / "run")), "is a file, so no folder can be made under it")
 
 
 def test_evaluate_output_that_cannot_be_written_fails_before_evaluating(mnist_dir, tmp_path):
@@ -392,7 +381,7 @@ def test_evaluate_output_that_cannot_be_written_fails_before_evaluating(mnist_di
     afile.write_text("x")
     result = _invoke("evaluate", run / "last.pt", "--attack", "clean", "--n-examples", 16, "--device", "cpu",
                      "--output", afile / "eval.json")
-    _one_line_error(result, "--output", "is a file")
+    assert_one_line_error(result, "--output", "is a file")
     assert "clean_acc" not in result.output  # nothing was evaluated
 
 
@@ -421,7 +410,7 @@ def test_a_write_failure_names_the_real_cause_and_how_to_resume(mnist_dir, tmp_p
     result = subprocess.run([sys.executable, "-m", "at_memorization", *_args(mnist_dir, shutil_run)],
                             capture_output=True, text=True, env=_env(), timeout=300, preexec_fn=limit,
                             cwd=Path(__file__).parent)
-    message = _one_line_error(result, "cannot write", "File too large [Errno 27]", "once fixed")
+    message = assert_one_line_error(result, "cannot write", "File too large [Errno 27]", "once fixed")
     assert "PytorchStreamWriter" not in result.stderr
     assert "no checkpoint was written yet" in message
     assert not list(shutil_run.glob(".*.tmp")) and not (shutil_run / ".lock").exists()
