@@ -10,9 +10,10 @@ Layout (``FORMAT_VERSION`` 1)::
      "best": {...}, "history": [metrics per epoch], "data_fingerprint": str,
      "partial": {...}  (only in a mid-epoch last.pt: the epoch loop's state)}
 
-``make_checkpoint`` assembles it, ``save_keeping_previous``/``save_atomic`` write it,
-``load_checkpoint`` reads and checks it, ``load_resumable`` picks the file a run resumes from, and
-``run_setting`` reads a run setting with the defaults stated once (``RunConfig``).
+``make_checkpoint`` assembles it, ``save_atomic`` writes it, ``load_checkpoint`` reads and checks it,
+and ``run_setting`` reads a run setting with the defaults stated once (``at_memorization.settings``).
+Which file of a run folder holds which checkpoint, and when one may replace another, is the run
+folder's business (``at_memorization.runfolder``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from .settings import RunConfig
 
 FORMAT = "at-memorization"
 FORMAT_VERSION = 1
@@ -92,20 +95,20 @@ def save_atomic(obj, path: str | Path) -> None:
     _write_atomic(path, "wb", lambda handle: handle.write(buffer.getbuffer()))
 
 
-def save_keeping_previous(obj, path: str | Path, previous: str | Path) -> None:
-    """``save_atomic`` to ``path``, first keeping the file it replaces as ``previous`` (a hard link,
-    so no copy): a resume can fall back to it if the new file turns out unreadable."""
-    path, previous = Path(path), Path(previous)
-    if path.is_file() and not (previous.is_file() and os.path.samefile(path, previous)):
-        link = path.parent / f".{previous.name}.{os.getpid()}.tmp"
-        link.unlink(missing_ok=True)
-        try:
-            os.link(path, link)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(path, link)
-        os.replace(link, previous)
-        link.unlink(missing_ok=True)  # rename() between two links of one file leaves both names
-    save_atomic(obj, path)
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """Make ``target`` the same file as ``source`` (a hard link, so no copy; a copy where the file
+    system has no hard links), replacing ``target`` atomically."""
+    source, target = Path(source), Path(target)
+    if target.is_file() and os.path.samefile(source, target):
+        return
+    link = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    link.unlink(missing_ok=True)
+    try:
+        os.link(source, link)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(source, link)
+    os.replace(link, target)
+    link.unlink(missing_ok=True)  # rename() between two links of one file leaves both names
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:
@@ -117,9 +120,10 @@ def _torch_load(path: Path, map_location, what: str):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch wraps both garbage bytes ("Unsupported operand ...") and disallowed classes
-        # ("Unsupported global: GLOBAL argparse.Namespace ...") in UnpicklingError: tell them apart.
-        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        # torch wraps both garbage bytes ("Unsupported operand ...") and disallowed classes in
+        # UnpicklingError: tell them apart. Disallowed classes read "Unsupported global: GLOBAL
+        # argparse.Namespace" (torch 2.4-2.5) or "Trying to load unsupported GLOBAL posix.system" (later).
+        match = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(error))
         if match:
             raise CheckpointError(
                 f"{path}: refused: loading it would need unpickling arbitrary Python objects "
@@ -212,34 +216,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return obj
 
 
-def load_resumable(run_dir: str | Path, last: str = "last.pt", previous: str = "last-prev.pt",
-                   map_location="cpu") -> tuple[Path, dict, str | None]:
-    """The checkpoint a run resumes from: ``last.pt``, else ``last-prev.pt`` (the one before it, kept
-    by ``save_keeping_previous``). Returns (path, state, why the newest was passed over or None);
-    with neither readable, a CheckpointError that names ``best.pt`` as the last resort."""
-    run_dir = Path(run_dir)
-    errors = []
-    for path in (run_dir / last, run_dir / previous):
-        if not path.is_file():
-            continue
-        try:
-            return path, load_checkpoint(path, map_location=map_location), (errors[0] if errors else None)
-        except CheckpointError as error:
-            errors.append(str(error))
-    best = run_dir / "best.pt"
-    resort = (f"; {best} may still be readable: copy it to {run_dir / last} to resume from its epoch"
-              if best.is_file() else "")
-    raise CheckpointError(f"--resume: no readable checkpoint in {run_dir} ({'; '.join(errors)}){resort}")
-
-
 def run_setting(state: dict, key: str):
     """A setting of the run that wrote ``state`` (its ``config``); for a checkpoint written before
     the setting existed, RunConfig's resolved default. The one place such defaults are read."""
     config = state.get("config") or {}
     if key in config:
         return config[key]
-    from .training import RunConfig  # the defaults' one statement (imported late: training imports us)
-
     return getattr(RunConfig().resolve(), key)
 
 
@@ -330,15 +312,37 @@ def build_model_from_checkpoint(checkpoint: dict, path: str | Path | None = None
     return model.eval()
 
 
+def load_labels(path: str | Path, num_samples: int | None = None) -> dict:
+    """A run's labels.pt, checked, or a one-line CheckpointError: ``labels`` and ``clean_labels``,
+    integer tensors of one shape ``(num_samples,)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such labels file")
+    labels = _torch_load(path, "cpu", "labels file")
+    if not isinstance(labels, dict):
+        raise CheckpointError(f"{path}: not a labels file (a {type(labels).__name__}, expected a dict of labels "
+                              f"and clean_labels)")
+    for key in ("labels", "clean_labels"):
+        value = labels.get(key)
+        if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dim() != 1:
+            raise CheckpointError(f"{path}: labels entry {key!r} must be a 1-D integer tensor, got "
+                                  f"{_describe(value) if not isinstance(value, torch.Tensor) else value.dtype}")
+        if num_samples is not None and value.shape[0] != num_samples:
+            raise CheckpointError(f"{path}: labels entry {key!r} has {value.shape[0]} labels, the run has "
+                                  f"{num_samples} training points")
+    return labels
+
+
 TRACKING_ENTRIES = {"adv_correct": torch.uint8, "adv_loss": torch.float16}  # shape (epochs, samples)
 TRACKING_OPTIONAL = {"recorded": torch.uint8}  # shape (epochs,)
 
 
-def load_tracking(path: str | Path, epochs: int, num_samples: int) -> dict:
+def load_tracking(path: str | Path, epochs: int | None, num_samples: int) -> dict:
     """A run's tracking.pt (``--track-samples``), checked, or a one-line CheckpointError.
 
     Expected: ``adv_correct`` (uint8) and ``adv_loss`` (float16), both of shape
-    ``(epochs, num_samples)``; optionally ``recorded`` (uint8, shape ``(epochs,)``).
+    ``(epochs, num_samples)``; optionally ``recorded`` (uint8, shape ``(epochs,)``). ``epochs=None``:
+    any number of epochs (the same in every entry).
     """
     path = Path(path)
     if not path.is_file():
@@ -353,6 +357,8 @@ def load_tracking(path: str | Path, epochs: int, num_samples: int) -> dict:
     unexpected = [key for key in tracked if key not in TRACKING_ENTRIES and key not in TRACKING_OPTIONAL]
     if unexpected:
         raise CheckpointError(f"{path}: tracking file has an unexpected entry {unexpected[0]!r}")
+    if epochs is None and isinstance(tracked["adv_correct"], torch.Tensor) and tracked["adv_correct"].dim() == 2:
+        epochs = tracked["adv_correct"].shape[0]
     for key, value in tracked.items():
         dtype = {**TRACKING_ENTRIES, **TRACKING_OPTIONAL}[key]
         shape = (epochs, num_samples) if key in TRACKING_ENTRIES else (epochs,)

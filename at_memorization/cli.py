@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import click
@@ -18,41 +17,13 @@ import click
 from . import _quiet  # noqa: F401  (first: keeps third-party deprecation warnings out of CLI output)
 from . import __version__
 from .checkpoint import write_text_atomic
-from .data import DATASETS, INPUT_NOISE_KINDS
+from .data import DATASETS
 from .methods import MethodError, TrainingSetup, discover
 from .methods.registry import all_hyperparameters
 from .models import model_names
-from .training import PRESETS, resolved_method_settings
+from .settings import RUN_SETTINGS, SETTINGS_BY_NAME, RunConfig, Setting, SettingError, parse_overrides, read_settings
+from .training import resolved_method_settings
 from .user_errors import USER_ERRORS, one_line_errors as _user_errors  # noqa: F401  (USER_ERRORS: API)
-
-
-class FractionType(click.ParamType):
-    """A float written as a decimal or a fraction: ``0.031``, ``8/255``."""
-
-    name = "number"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)):
-            return float(value)
-        try:
-            return float(Fraction(str(value).strip()))
-        except (ValueError, ZeroDivisionError):
-            self.fail(f"{value!r} is not a number or a fraction like 8/255", param, ctx)
-
-
-class IntListType(click.ParamType):
-    name = "epochs"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        try:
-            return [int(v) for v in str(value).split(",") if v.strip()]
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of epochs like 100,150", param, ctx)
-
-
-FRACTION = FractionType()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -90,12 +61,40 @@ def models_command():
 
 
 # --------------------------------------------------------------------------- train
-def _method_options(func):
-    """One CLI option per hyperparameter declared by any installed method (plugins included)."""
+class SettingType(click.ParamType):
+    """A declared setting's type on the command line (bounds are checked with the other settings,
+    so that a value from a file and from a flag get the same message)."""
+
+    def __init__(self, setting: Setting):
+        self.setting = setting
+        self.name = {int: "integer", float: "number", list: "epochs", str: "text", bool: "boolean"}[setting.type]
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.setting.parse_text(value, check_bounds=False)
+        except SettingError as error:
+            self.fail(str(error), param, ctx)
+
+
+def _setting_option(setting: Setting, owners: list[str] | None = None):
+    """The ``at-mem train`` option of one declared setting (its default shown, never restated)."""
+    where = f"{', '.join(owners)}; " if owners else ""
+    help_text = f"{setting.help} [{where}default: {setting.default_text()}]"
+    if setting.type is bool:
+        flags = f"{setting.flag}/--no-{setting.flag[2:]}" if setting.switch else setting.flag
+        return click.option(flags, setting.name, is_flag=True, default=None, help=help_text)
+    kind = click.Choice(setting.choices) if setting.choices else SettingType(setting)
+    return click.option(setting.flag, setting.name, type=kind, default=None, help=help_text)
+
+
+def _setting_options(func):
+    """One option per run setting (RUN_SETTINGS) and per installed method's setting (plugins included)."""
     for name, (hp, owners) in sorted(all_hyperparameters().items(), reverse=True):
-        default = "derived" if hp.default is None else hp.default
-        func = click.option(hp.flag, hp.name, type=hp.type, default=None,
-                            help=f"{hp.help} [{', '.join(owners)}; default: {default}]")(func)
+        func = _setting_option(hp, owners)(func)
+    for setting in reversed(RUN_SETTINGS):
+        func = _setting_option(setting)(func)
     return func
 
 
@@ -129,127 +128,137 @@ class _ProgressCallbacks:
         if self.silent:
             return
         extra = "".join(f" {k}={record[k]:.4g}" for k in ("te_weight_now", "awp_gamma_now", "grad_norm") if k in record)
-        click.echo(f"epoch {record['epoch']}: loss {record['train_loss']:.4f} "
-                   f"test clean {record['test_clean_acc']:.4f} robust {record['test_robust_acc']:.4f} "
+        tested = (f"test clean {record['test_clean_acc']:.4f} robust {record['test_robust_acc']:.4f}"
+                  if "test_robust_acc" in record else "not evaluated (--eval-every)")
+        click.echo(f"epoch {record['epoch']}: loss {record['train_loss']:.4f} {tested} "
                    f"({record['train_seconds']:.1f}s){extra}")
 
 
 @main.command("train")
-@click.option("--method", default="pgd-at", show_default=True, help="Training method (see `at-mem methods`).")
-@click.option("--dataset", type=click.Choice(list(DATASETS)), default="cifar10", show_default=True)
-@click.option("--data-dir", default="./data", show_default=True, help="Where the data is, or is downloaded to.")
-@click.option("--model", default="preactresnet18", show_default=True, help="A backbone (see `at-mem models`) or any timm model.")
-@click.option("--drop-rate", type=float, default=None, help="Dropout rate of models that have dropout (timm's drop_rate) [default: the model's own, e.g. 0.5 for smallcnn].")
-@click.option("--epochs", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Global batch size (split over processes).")
-@click.option("--lr", type=float, default=0.1, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=None, help="[default: 5e-4; 0 with --preset random-labels]")
-@click.option("--schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True)
-@click.option("--milestones", type=IntListType(), default=None, help="Epochs after which the step schedule multiplies the lr by 0.1 [default: 50% and 75% of --epochs, i.e. 100,150 of 200: epochs 101 and 151 start at the lower lr].")
-@click.option("--eps", type=FRACTION, default="8/255", show_default=True, help="Perturbation budget, e.g. 8/255.")
-@click.option("--step-size", type=FRACTION, default="2/255", show_default=True)
-@click.option("--steps", type=int, default=10, show_default=True, help="Attack steps during training.")
-@click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
-@click.option("--augment/--no-augment", default=None, help="Standard augmentation (CIFAR: crop+flip; none for SVHN/MNIST) [default: on; off with --preset random-labels].")
-@click.option("--label-noise", type=float, default=None, help="Symmetric label noise rate R in [0,1]; 1 = random labels.")
-@click.option("--input-noise", type=click.Choice(INPUT_NOISE_KINDS), default=None, help="Randomize the training images.")
-@click.option("--input-noise-fraction", type=float, default=1.0, show_default=True)
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="random-labels: label noise 1, weight decay 0, no augmentation (the paper's setting).")
-@click.option("--train-size", type=int, default=None, help="Use the first N training points.")
-@click.option("--test-size", type=int, default=None, help="Use the first N test points.")
-@click.option("--eval-steps", type=int, default=10, show_default=True, help="PGD steps (of --step-size) for the per-epoch test robust accuracy that selects best.pt; 10 as the official TE code and Rice et al. (at-mem evaluate uses PGD-20).")
-@click.option("--eval-train-size", type=int, default=0, show_default=True, help="Also report clean/PGD accuracy on the first N training points (on their training labels) each epoch.")
-@click.option("--track-samples", is_flag=True, help="Record each training sample's adversarial correctness and loss per epoch (tracking.pt).")
+@_setting_options
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available].")
-@click.option("--bf16", is_flag=True, help="bfloat16 autocast for attack and update (fp32 weights).")
-@click.option("--channels-last", is_flag=True, help="channels_last memory format.")
-@click.option("--compile", "compile", is_flag=True, help="torch.compile the model for attack and update, with CUDA graphs on a GPU (slow first steps).")
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", default=None, help="Run directory [default: runs/<method>-<dataset>-<model>-s<seed>].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Settings from a TOML file (see configs/) or a run's config.json; flags given on the command "
                    "line win over the file.")
 @click.option("--print-config", is_flag=True,
               help="Print the resolved settings (defaults and derivations filled in) as JSON and exit.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped, with its saved "
+              "settings (settings given again must equal them).")
 @click.option("--override", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="With --resume: change a setting deliberately, e.g. lr=0.01 (repeatable; recorded in "
-                   "RUN/history.jsonl).")
+              help="With --resume: change a setting deliberately, e.g. lr=0.01 or epochs=300 (repeatable; recorded "
+                   "in RUN/history.jsonl; derived settings such as milestones keep their saved values unless "
+                   "overridden too).")
 @click.option("--allow-data-change", is_flag=True,
               help="With --resume: continue although the training data differ from the run's (recorded).")
-@click.option("--checkpoint-every-steps", type=int, default=0, show_default=True,
+@click.option("--checkpoint-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also write last.pt every N steps within an epoch (0: at the end of each epoch only).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@_method_options
 @_user_errors
-def train_command(method, preset, out_dir, config_file, print_config, resume, overrides, allow_data_change,
+def train_command(out_dir, config_file, print_config, resume, overrides, allow_data_change,
                   checkpoint_every_steps, device, quiet, **options):
     """Adversarially train a model (PGD-AT, TRADES, TE, ... see `at-mem methods`).
 
     SIGTERM or Ctrl-C stops at the next step with a checkpoint; the same command with --resume
     continues exactly (exit status 128 + the signal's number).
     """
-    from .methods import get_method
-    from .training import RunConfig, Trainer, TrainingError, TrainingInterrupted
+    from .training import Trainer, TrainingError, TrainingInterrupted, resume_config
 
-    extra = {}  # settings with no flag of their own (e.g. lr_gamma), from a file
+    hyperparameters = {name: hp for name, (hp, _) in all_hyperparameters().items()}
+    given, given_method = {}, {}
     if config_file:
-        values = _settings_from_file(config_file)
-        current = dict(method=method, preset=preset, out_dir=out_dir, device=device, **options)
-        current.update(values)
-        method, preset, out_dir, device = (current.pop(k) for k in ("method", "preset", "out_dir", "device"))
-        extra = {k: current.pop(k) for k in list(current) if k not in options}
-        options.update(current)
+        values = _settings_from_file(config_file, hyperparameters)
+        out_dir = out_dir or values.pop("out", None)
+        device = device or values.pop("device", None)
+        given, given_method = read_settings(values, hyperparameters, f"--config {config_file}")
+    ctx = click.get_current_context()
+    for name, value in options.items():  # the command line wins over the file
+        if value is not None and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            (given_method if name in hyperparameters and name not in SETTINGS_BY_NAME else given)[name] = value
+    if resume:
+        if out_dir is None:
+            raise click.ClickException("--resume needs --out RUN (the run folder to continue)")
+        override_values = {}
+        if overrides:
+            from .methods import get_method
+            from .runfolder import RunFolder
 
-    method_cls = get_method(method)
-    accepted = {h.name for h in method_cls.hyperparameters}
-    override_values = _parse_overrides(overrides, method_cls)
-    for key, value in override_values.items():  # the new values take the place of the flags
-        if key not in accepted:
-            options[key] = value
-    method_args = {}
-    for name, (hp, owners) in all_hyperparameters().items():
-        value = override_values.get(name, options.pop(name, None))
-        if value is None:
-            continue
-        if name not in accepted:
-            raise TrainingError(f"{hp.flag} does not apply to method {method} (it is for {', '.join(owners)})")
-        method_args[name] = value
-    # Every default and derivation (presets, milestones, ...) is the library's: RunConfig.resolve().
-    config = RunConfig(method=method, method_args=method_args, preset=preset, **options, **extra).resolve()
-    if print_config:
+            _, state, _ = RunFolder(out_dir).load_resumable()  # only to know which method's settings apply
+            method_cls = get_method(str((state.get("config") or {}).get("method", "")))
+            override_values = parse_overrides(overrides, {h.name: h for h in method_cls.hyperparameters})
+        config, _ = resume_config(out_dir, override_values, given=given, given_method=given_method)
+    else:
+        if overrides:
+            raise TrainingError("--override applies to --resume only; for a new run give the setting as its own option")
+        from .methods import get_method
+
+        method_cls = get_method(given.get("method", SETTINGS_BY_NAME["method"].default))
+        accepted = {h.name for h in method_cls.hyperparameters}
+        for name in given_method:
+            if name not in accepted:
+                owners = all_hyperparameters()[name][1]
+                raise TrainingError(f"--{name.replace('_', '-')} does not apply to method {method_cls.name} "
+                                    f"(it is for {', '.join(owners)})")
+        config = RunConfig(**given, method_args=given_method)
         config.validate()
-        click.echo(json.dumps({"config": config.to_dict(), "method": resolved_method_settings(config)}, indent=2))
+        override_values = {}
+    if print_config:
+        resolved = config.resolve()
+        click.echo(json.dumps({"config": resolved.to_dict(), "method": resolved_method_settings(resolved),
+                               "derived": config.derived_names()}, indent=2))
         return
-    out_dir = Path(out_dir or f"runs/{method}-{config.dataset}-{config.model}-s{config.seed}")
+    resolved = config.resolve()
+    out_dir = Path(out_dir or f"runs/{resolved.method}-{resolved.dataset}-{resolved.model}-s{resolved.seed}")
     callbacks = _ProgressCallbacks(quiet)
     with _stop_on_signals() as stop:
         trainer = Trainer(config, out_dir, device=device, resume=resume, callbacks=callbacks,
                           overrides=override_values, allow_data_change=allow_data_change,
                           checkpoint_every_steps=checkpoint_every_steps)
-        if trainer.start_epoch > config.epochs:
+        if trainer.start_epoch > resolved.epochs:
             trainer.shutdown()
-            click.echo(f"{out_dir} already finished all {config.epochs} epochs")
+            click.echo(f"{out_dir} already finished all {resolved.epochs} epochs; nothing was trained or recorded "
+                       f"(to train longer: --resume --override epochs=N)")
             return
         stop.trainer = trainer
         say = click.echo if trainer.ctx.is_main else (lambda *a, **k: None)
-        say(f"training {method} on {config.dataset} ({len(trainer.data.train)} train / "
-                   f"{len(trainer.data.test)} test) with {config.model} on {trainer.ctx.device}; writing {out_dir}", err=True)
+        say(f"training {resolved.method} on {resolved.dataset} ({len(trainer.data.train)} train / "
+            f"{len(trainer.data.test)} test) with {resolved.model} on {trainer.ctx.device}; writing {out_dir}", err=True)
         try:
-            trainer.fit()
+            try:
+                trainer.fit()
+            finally:
+                stop.finish()  # from here on a late Ctrl-C must not abort the reporting below
             trainer.shutdown()
         except TrainingInterrupted as stopped:
             callbacks.close_bar()
-            resume_hint = ("continue with the same command and --resume" if stopped.saved else
+            resume_hint = (f"continue with: at-mem train --resume --out {out_dir}" if stopped.saved else
                            "nothing was trained yet: start again with the same command")
-            where = f"; saved {out_dir / 'last.pt'}" if stopped.step else ""
+            where = f"; saved {trainer.folder.last}" if stopped.step else ""
             say(f"{stopped}{where}; {resume_hint}", err=True)
             trainer.shutdown()  # every process stopped at the same step
             sys.exit(128 + stop.signum if stop.signum else 1)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once; the files on disk are complete
+            callbacks.close_bar()
+            trainer.shutdown()
+            good = trainer.folder.last_good
+            say("interrupted at once by a second SIGINT; " + (
+                f"{good[0]} holds the last complete checkpoint ({good[1]}); continue with: at-mem train --resume "
+                f"--out {out_dir}" if good else "no checkpoint was written: start again with the same command"),
+                err=True)
+            sys.exit(130)
     best = trainer.best
+    if stop.signum:  # a stop requested while the last epoch was evaluated or saved: the run is complete
+        say(f"{signal_name(stop.signum)} arrived after the last training step: the run finished all "
+            f"{resolved.epochs} epochs and is saved in {out_dir}", err=True)
+        sys.exit(128 + stop.signum)
     say(f"done: best epoch {best['epoch']} (test robust {best['test_robust_acc']:.4f}, "
-               f"clean {best['test_clean_acc']:.4f}); checkpoints in {out_dir}")
+        f"clean {best['test_clean_acc']:.4f}); checkpoints in {out_dir}")
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 class _SignalStop:
@@ -258,6 +267,7 @@ class _SignalStop:
     def __init__(self):
         self.trainer = None
         self.signum = None
+        self.done = False
 
     def __call__(self, signum, frame):
         import signal
@@ -266,9 +276,19 @@ class _SignalStop:
         name = signal.Signals(signum).name
         if self.trainer is None:  # still loading: nothing to save
             raise TrainingInterruptedBeforeStart(name, signum)
+        if self.done:  # already stopping and reporting: nothing more to do
+            return
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
         click.echo(f"\n{name}: stopping after the current step and saving a checkpoint ...", err=True)
         self.trainer.request_stop(name)
+
+    def finish(self) -> None:
+        """Training is over: further signals are noted, not acted on (the run's files are complete)."""
+        import signal
+
+        self.done = True
+        if self.signum is not None:
+            signal.signal(signal.SIGINT, self)
 
 
 class TrainingInterruptedBeforeStart(click.ClickException):
@@ -292,17 +312,11 @@ def _stop_on_signals():
             signal.signal(s, old)
 
 
-def _settings_from_file(path) -> dict:
-    """The settings of a TOML file (or a run's config.json) that the command line did not give.
-
-    Keys are the long options without dashes (``epochs``, ``te-weight`` or ``te_weight``) or a
-    RunConfig setting without a flag (``lr_gamma``); ``[method_args]`` may hold a method's settings.
-    Values are read with the option's own type (``eps = "8/255"`` works).
-    """
-    import dataclasses
+def _settings_from_file(path, hyperparameters: dict) -> dict:
+    """The table of a TOML settings file or a run's config.json (its "config" object), raw: the
+    values are checked by ``read_settings`` against their declarations. ``out`` and ``device`` may
+    be given too (they are not run settings)."""
     import tomllib
-
-    from .training import RunConfig
 
     path = Path(path)
     try:
@@ -313,75 +327,19 @@ def _settings_from_file(path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as error:  # tomllib.TOMLDecodeError is a ValueError
         raise click.ClickException(f"--config {path}: not a readable TOML/JSON settings file "
                                    f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
-    if path.suffix == ".json" and isinstance(raw.get("config"), dict):  # a run folder's config.json
-        raw = dict(raw["config"])
+    if path.suffix == ".json" and isinstance(raw, dict) and isinstance(raw.get("config"), dict):
+        raw = dict(raw["config"])  # a run folder's config.json
     if not isinstance(raw, dict):
         raise click.ClickException(f"--config {path}: expected a table of settings")
-    method_args = raw.pop("method_args", None) or {}
-    if not isinstance(method_args, dict):
-        raise click.ClickException(f"--config {path}: method_args must be a table")
-    raw.update(method_args)
-    ctx = click.get_current_context()
-    params = {p.name: p for p in ctx.command.params}
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    aliases = {"out": "out_dir"}
     values = {}
     for key, value in raw.items():
-        name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
-        if name not in params and name not in fields:
-            raise click.ClickException(f"--config {path}: unknown setting {key!r} (see at-mem train --help)")
-        param = params.get(name)
-        if param is not None and ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
-                                                                     click.core.ParameterSource.ENVIRONMENT):
-            continue  # the command line wins
-        if param is not None and value is not None and not (param.name == "milestones" and isinstance(value, list)):
-            try:
-                value = param.type.convert(value, param, ctx)
-            except click.BadParameter as error:
-                raise click.ClickException(f"--config {path}: {key} = {value!r}: {error.message}") from None
-        values[name] = value
-    return values
-
-
-def _parse_overrides(items, method_cls) -> dict:
-    """``--override KEY=VALUE`` pairs, each VALUE read with the type of its setting."""
-    import dataclasses
-
-    from .training import RunConfig
-
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    hyperparameters = {h.name: h for h in method_cls.hyperparameters}
-    values = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not key or not raw.strip():
-            raise click.ClickException(f"--override {item!r}: expected KEY=VALUE, e.g. lr=0.01")
-        raw = raw.strip()
-        try:
-            if key in hyperparameters:
-                value = hyperparameters[key].type(raw)
-            elif key == "milestones":
-                value = IntListType().convert(raw, None, None)
-            elif key in ("eps", "step_size"):
-                value = FRACTION.convert(raw, None, None)
-            elif key in fields:
-                default = RunConfig().__getattribute__(key)
-                if isinstance(default, bool):
-                    if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError(raw)
-                    value = raw.lower() in ("true", "1", "yes")
-                elif isinstance(default, int) or key in ("train_size", "test_size"):
-                    value = int(raw)
-                elif isinstance(default, float):
-                    value = float(raw)
-                else:
-                    value = raw
-            else:
-                raise click.ClickException(f"--override {key}: no such setting (see at-mem train --help)")
-        except (ValueError, click.BadParameter):
-            raise click.ClickException(f"--override {item!r}: {raw!r} is not a valid value for {key}") from None
-        values[key] = value
+        name = str(key).replace("-", "_")
+        if name in ("out", "out_dir", "device"):
+            if not (value is None or isinstance(value, str)):
+                raise click.ClickException(f"--config {path}: {key} must be text, got {value!r}")
+            values["out" if name != "device" else "device"] = value
+        else:
+            values[key] = value
     return values
 
 
@@ -520,7 +478,7 @@ def _evaluate_run_folder(run_dir: Path, names, evaluation: _Evaluation) -> None:
               help="With a run folder: which of its checkpoints [default: best,last].")
 @click.option("--dataset", type=click.Choice(list(DATASETS)), default=None, help="[default: the checkpoint's]")
 @click.option("--data-dir", default=None, help="[default: the checkpoint's]")
-@click.option("--eps", type=FRACTION, default=None, help="[default: the checkpoint's training eps]")
+@click.option("--eps", type=SettingType(SETTINGS_BY_NAME["eps"]), default=None, help="[default: the checkpoint's training eps]")
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default=None, help="[default: the checkpoint's]")
 @click.option("--batch-size", type=int, default=None, help="[default: 1024 on CUDA, 256 on CPU]")
 @click.option("--device", default=None, help="[default: cuda when available]")

@@ -27,13 +27,16 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EVAL_DIR = "eval"
-CHECKPOINT_NAMES = ("best", "last")
+from . import runfolder
+from .runfolder import CHECKPOINT_NAMES, EVAL_DIR, RunFolder, RunFolderError  # noqa: F401  (EVAL_DIR: API)
+from .settings import RunConfig, report_ignored
+
 EVAL_ATTACKS = ("clean", "pgd20", "cw", "autoattack")
 ROBUST_ATTACKS = ("pgd20", "cw", "autoattack")
 ATTACK_TITLES = {"clean": "clean", "pgd20": "PGD-20", "cw": "CW", "autoattack": "AutoAttack"}
-# Settings that do not change a run's results (besides the seed, which defines the repetitions).
-IGNORED_SETTINGS = ("seed", "data_dir", "compile", "channels_last", "device", "world_size", "track_samples")
+# Settings that do not change a run's results (besides the seed, which defines the repetitions):
+# declared with the settings (groups_report=False).
+IGNORED_SETTINGS = report_ignored()
 # What makes two eval records measurements of the same checkpoint (besides its epoch).
 SAME_CHECKPOINT_KEYS = ("dataset", "norm", "model", "method")
 FORMATS = ("markdown", "csv", "json")
@@ -46,20 +49,15 @@ class ReportError(ValueError):
 # --------------------------------------------------------------------------- eval/<name>.json
 def eval_path(run_dir: str | Path, which: str) -> Path:
     """``RUN/eval/best.json`` or ``RUN/eval/last.json``."""
-    return Path(run_dir) / EVAL_DIR / f"{which}.json"
+    return RunFolder(run_dir).eval_path(which)
 
 
 def read_json(path: str | Path):
     """A JSON file, or ReportError naming it."""
-    path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise ReportError(f"{path}: cannot read ({error.strerror or error})") from error
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ReportError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
+        return runfolder.read_json(path)
+    except RunFolderError as error:
+        raise ReportError(str(error)) from None
 
 
 def attack_of(key: str) -> str | None:
@@ -176,7 +174,21 @@ def best_record(records: list[dict]) -> dict:
     The one statement of the rule for everything that reads ``metrics.jsonl`` (report, plots,
     memorization).
     """
-    return max(records, key=lambda r: (r["test_robust_acc"], r.get("test_clean_acc", 0.0)))
+    return max(evaluated(records), key=lambda r: (r["test_robust_acc"], r.get("test_clean_acc", 0.0)))
+
+
+def evaluated(records: list[dict]) -> list[dict]:
+    """The epochs with a test evaluation (all, unless the run was trained with ``--eval-every N``)."""
+    found = [r for r in records if "test_robust_acc" in r]
+    if not found:
+        raise ReportError(f"no evaluated epoch among epochs {records[0]['epoch']}-{records[-1]['epoch']} "
+                          f"(--eval-every): nothing to compare yet")
+    return found
+
+
+def final_record(records: list[dict]) -> dict:
+    """The last evaluated epoch (the last epoch of a finished run, which is always evaluated)."""
+    return evaluated(records)[-1]
 
 
 def _is_number(value) -> bool:
@@ -184,29 +196,11 @@ def _is_number(value) -> bool:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    records = []
+    """A run's metrics.jsonl (``path``: the file), read by the run folder's one reader."""
     try:
-        lines = path.read_text().splitlines()
-    except OSError as error:
-        raise ReportError(f"{path}: cannot read ({error.strerror or error})") from error
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ReportError(f"{path}: not valid JSON on line {number} ({error.msg})") from error
-        if not isinstance(record, dict):
-            raise ReportError(f"{path}: line {number} is not a JSON object")
-        for key in ("epoch", "test_clean_acc", "test_robust_acc"):
-            if not _is_number(record.get(key)):
-                raise ReportError(f"{path}: line {number} lacks a number {key!r}")
-        if "train_robust_acc" in record and not _is_number(record["train_robust_acc"]):
-            raise ReportError(f"{path}: line {number}: 'train_robust_acc' is not a number")
-        records.append(record)
-    if not records:
-        raise ReportError(f"{path} is empty: the run has not finished an epoch yet")
-    return sorted(records, key=lambda r: r["epoch"])
+        return RunFolder(Path(path).parent).read_metrics()
+    except RunFolderError as error:
+        raise ReportError(str(error)) from None
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -214,15 +208,18 @@ def read_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run folder")
-    for name in ("config.json", "metrics.jsonl"):
-        if not (run_dir / name).is_file():
-            raise ReportError(f"{run_dir} is not a run folder (no {name}; `at-mem train --out` writes one)")
-    document = read_json(run_dir / "config.json")
-    config = document.get("config") if isinstance(document, dict) else None
-    if not isinstance(config, dict) or "method" not in config or "dataset" not in config:
-        raise ReportError(f"{run_dir / 'config.json'}: no \"config\" object with the run's settings")
+    folder = RunFolder(run_dir)
+    for path in (folder.config, folder.metrics):
+        if not path.is_file():
+            raise ReportError(f"{run_dir} is not a run folder (no {path.name}; `at-mem train --out` writes one)")
+    try:
+        document = folder.read_config()
+        records = folder.read_metrics()
+    except RunFolderError as error:
+        raise ReportError(str(error)) from None
+    config = document["config"]
     method_config = document.get("method")
-    run = Run(path=run_dir, config=config, records=read_metrics(run_dir / "metrics.jsonl"),
+    run = Run(path=run_dir, config=config, records=records,
               method_config=method_config if isinstance(method_config, dict) else None)
     if run.unfinished:
         run.warnings.append(f"{run_dir} has {run.records[-1]['epoch']} of {config['epochs']} epochs (still training or "
@@ -281,8 +278,6 @@ def read_runs(run_dirs) -> list[Run]:
 # --------------------------------------------------------------------------- grouping
 def _config_defaults() -> dict:
     """RunConfig's defaults, so that a config.json written before a setting existed compares equal."""
-    from .training import RunConfig
-
     return RunConfig().resolve().to_dict()
 
 
@@ -378,7 +373,7 @@ PAIRED_KEYS = PERCENT_KEYS  # every best, final and best-minus-final metric
 def run_metrics(run: Run) -> dict[str, tuple[float | None, int | None]]:
     """Each metric of one run as (value or None, number of test points it was measured on or None)."""
     records, config = run.records, run.config
-    best, final = best_record(records), records[-1]
+    best, final = best_record(records), final_record(records)
     out: dict[str, tuple] = {"epochs": (final["epoch"], None), "best_epoch": (best["epoch"], None)}
     for which, name in (("best", "best"), ("final", "last")):
         record = run.evals.get(name) or {}

@@ -17,16 +17,13 @@ which the run resumes bit-identically; deliberate changes on resume (``overrides
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime
 import gc
 import hashlib
-import json
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,18 +38,9 @@ from .evaluation import correct_flags, default_batch_size
 from .methods import MethodError, TrainingSetup, get_method
 from .models import UnknownModelError, build_model, model_names
 from .randomness import capture_rng, restore_rng
-from .runlock import RunLock, check_free
+from .runfolder import NonFiniteCheckpoint, RunFolder, RunFolderError
+from .settings import PRESETS, RUN_SETTINGS, SETTINGS_BY_NAME, RunConfig, resume_settings  # noqa: F401  (PRESETS: API)
 from .runtime import DistributedContext, TrainingError, eval_mode, resolve_device, seed_everything  # noqa: F401
-
-SCHEDULES = ("step", "cosine")
-# Named bundles of defaults (a setting given explicitly wins over its preset's value).
-PRESETS = {
-    # The paper's random-label runs (official train.py): no weight decay, no data augmentation.
-    "random-labels": {"label_noise": 1.0, "weight_decay": 0.0, "augment": False},
-}
-# Settings left as None are derived by RunConfig.resolve(): these, unless a preset sets them.
-DERIVED_DEFAULTS = {"weight_decay": 5e-4, "augment": True, "label_noise": 0.0}
-
 
 class TrainingInterrupted(Exception):
     """A requested stop (SIGTERM, SIGINT): the run's state up to ``step`` of ``epoch`` is in last.pt."""
@@ -66,126 +54,6 @@ class TrainingInterrupted(Exception):
 # A stop request is agreed between torchrun processes every this many steps (an all-reduce, which
 # synchronizes the host with the device, so not at every step).
 STOP_CHECK_EVERY = 25
-
-
-@dataclass
-class RunConfig:
-    """Every setting of a run: plain values only (saved in each checkpoint, checked on resume)."""
-
-    method: str = "pgd-at"
-    dataset: str = "cifar10"
-    data_dir: str = "./data"
-    model: str = "preactresnet18"
-    drop_rate: float | None = None  # the model's dropout (timm's drop_rate); None: the model's default
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float | None = None  # None: 5e-4 (0 with preset random-labels)
-    schedule: str = "step"
-    milestones: list | None = None  # None: 50% and 75% of the epochs (100, 150 of 200)
-    lr_gamma: float = 0.1
-    # the attack's defaults are the method layer's (TrainingSetup), stated once
-    eps: float = TrainingSetup.eps
-    step_size: float = TrainingSetup.step_size
-    steps: int = TrainingSetup.steps
-    norm: str = TrainingSetup.norm
-    augment: bool | None = None  # None: on (off with preset random-labels)
-    label_noise: float | None = None  # None: 0 (1 with preset random-labels)
-    input_noise: str | None = None
-    input_noise_fraction: float = 1.0
-    train_size: int | None = None
-    test_size: int | None = None
-    eval_steps: int = 10  # PGD steps of the per-epoch test robust accuracy (selects best.pt), as the references
-    eval_train_size: int = 0  # >0: also clean/PGD accuracy on the first N training points each epoch
-    track_samples: bool = False
-    seed: int = 0
-    bf16: bool = False
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the model for attack and update
-    method_args: dict = field(default_factory=dict)
-    preset: str | None = None  # a key of PRESETS
-
-    # settings that may differ on resume (they do not change the computation's result on CPU)
-    RESUMABLE_CHANGES = ("data_dir", "compile")
-    # settings a resume may change deliberately (--override KEY=VALUE, recorded in history.jsonl):
-    # they change how training goes on, not what the saved state means (a method's own settings too)
-    OVERRIDABLE = ("lr", "momentum", "weight_decay", "schedule", "milestones", "lr_gamma", "epochs", "eps",
-                   "step_size", "steps", "eval_steps", "eval_train_size", "test_size", "bf16", "channels_last")
-
-    def resolve(self) -> "RunConfig":
-        """A copy with every derived setting filled in: presets, default weight decay, augmentation
-        and label noise, and step-schedule milestones at 50% and 75% of the epochs.
-
-        The one place defaults are derived: the CLI only parses, so ``at-mem train --epochs 10`` and
-        ``Trainer(RunConfig(epochs=10), ...)`` train with the same settings. Idempotent.
-        """
-        values = dataclasses.asdict(self)
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise TrainingError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
-            for key, value in PRESETS[self.preset].items():
-                if values[key] is None:
-                    values[key] = value
-        for key, value in DERIVED_DEFAULTS.items():
-            if values[key] is None:
-                values[key] = value
-        if values["milestones"] is None:
-            # Distinct epochs: a repeated milestone would multiply the lr by 0.1 twice at once.
-            values["milestones"] = sorted({max(1, round(f * self.epochs)) for f in (0.5, 0.75)})
-        return RunConfig(**values)
-
-    def validate(self) -> None:
-        problems = []
-        config = self.resolve()  # the checks read resolved values (weight decay, milestones, ...)
-        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "eps", "step_size", "label_noise",
-                     "input_noise_fraction", "drop_rate"):
-            value = getattr(config, name)
-            if isinstance(value, float) and not math.isfinite(value):
-                label = {"lr": "learning rate"}.get(name, name.replace("_", " "))
-                problems.append(f"{label} must be a finite number, got {value}")
-        for name, value in config.method_args.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-        if config.eps < 0:
-            problems.append(f"eps must be >= 0, got {config.eps}")
-        if config.step_size < 0:
-            problems.append(f"step size must be >= 0, got {config.step_size}")
-        if config.steps < 0:
-            problems.append(f"steps must be >= 0, got {config.steps}")
-        if not 0.0 <= config.label_noise <= 1.0:
-            problems.append(f"label noise must be in [0, 1], got {config.label_noise}")
-        if not 0.0 <= config.input_noise_fraction <= 1.0:
-            problems.append(f"input noise fraction must be in [0, 1], got {config.input_noise_fraction}")
-        if config.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {config.epochs}")
-        if not 0.0 <= config.momentum < 1.0:
-            problems.append(f"momentum must be in [0, 1), got {config.momentum}")
-        if config.eval_steps < 0:
-            problems.append(f"eval steps must be >= 0, got {config.eval_steps}")
-        if config.eval_train_size < 0:
-            problems.append(f"eval train size must be >= 0, got {config.eval_train_size}")
-        if any(m < 1 for m in config.milestones):
-            problems.append(f"milestones must be epochs >= 1, got {config.milestones}")
-        if config.batch_size < 1:
-            problems.append(f"batch size must be >= 1, got {config.batch_size}")
-        if config.lr <= 0:
-            problems.append(f"learning rate must be > 0, got {config.lr}")
-        if config.lr_gamma <= 0:
-            problems.append(f"lr gamma must be > 0, got {config.lr_gamma}")
-        if config.weight_decay < 0:
-            problems.append(f"weight decay must be >= 0, got {config.weight_decay}")
-        if config.schedule not in SCHEDULES:
-            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
-        if config.drop_rate is not None and not 0.0 <= config.drop_rate < 1.0:
-            problems.append(f"drop rate must be in [0, 1), got {config.drop_rate}")
-        if config.norm not in ("Linf", "L2"):
-            problems.append(f"norm must be Linf or L2, got {config.norm!r}")
-        if problems:
-            raise TrainingError(problems[0])
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def learning_rate(config: RunConfig, epoch: int) -> float:
@@ -219,6 +87,37 @@ def resolved_method_settings(config: RunConfig) -> dict:
     return dict(get_method(config.method)(setup, **config.method_args).settings)
 
 
+def _as_text(value) -> str:
+    """A setting's value as ``--override`` reads it back (lists as 2,3)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def resume_config(run_dir: str | Path, overrides: dict | None = None, *, given: dict | None = None,
+                  given_method: dict | None = None) -> tuple[RunConfig, dict]:
+    """The settings to continue the run in ``run_dir`` with: its checkpoint's, with ``overrides``
+    applied, and the changes {name: [old, new]}. The declared rule (``at_memorization.settings``):
+    derived values (milestones, TE's schedule, ...) stay as saved unless overridden. ``given`` and
+    ``given_method``: settings stated again (e.g. the same command line); each must equal the saved
+    value. Everything is checked before any data is loaded. Then::
+
+        config, _ = resume_config("runs/x", {"epochs": 13})
+        Trainer(config, "runs/x", resume=True, overrides={"epochs": 13}).fit()
+    """
+    folder = RunFolder(run_dir)
+    if not folder.holds_run():
+        raise TrainingError(f"--resume: {folder.last} not found (nothing to resume)")
+    _, state, _ = folder.load_resumable()
+    saved = dict(state.get("config") or {})
+    method_cls = get_method(str(saved.get("method", SETTINGS_BY_NAME["method"].default)))
+    hyperparameters = {h.name: h for h in method_cls.hyperparameters}
+    for name in given_method or {}:
+        if name not in hyperparameters:
+            raise TrainingError(f"--{name.replace('_', '-')} does not apply to method {method_cls.name or saved.get('method')}")
+    saved_method = dict((state.get("method") or {}).get("config") or {})
+    return resume_settings(saved, saved_method, dict(given or {}), dict(given_method or {}), dict(overrides or {}),
+                           hyperparameters)
+
+
 def check_writable_folder(path: str | Path, what: str = "--out") -> None:
     """Fail before any work if ``path`` cannot be (or be made into) a folder we can write in."""
     path = Path(path)
@@ -247,15 +146,26 @@ def data_fingerprint(dataset) -> str:
 
 
 class Trainer:
-    """Runs one method on one model and data set, writing everything under ``out_dir``."""
+    """Runs one method on one model and data set, writing everything into the run folder ``out_dir``.
+
+    ``resume=True`` continues the run in ``out_dir``; ``config`` must then be the run's saved
+    settings, with ``overrides`` (deliberate changes, recorded in history.jsonl) applied: what
+    :func:`resume_config` returns. The trainer owns the loop; the files are the run folder's
+    (:class:`RunFolder`) and the settings' rules are the declaration's (``at_memorization.settings``).
+    """
 
     def __init__(self, config: RunConfig, out_dir: str | Path, *, device: str | None = None,
                  resume: bool = False, callbacks: Callbacks | None = None, data: DataBundle | None = None,
                  overrides: dict | None = None, allow_data_change: bool = False, checkpoint_every_steps: int = 0):
+        # which settings are left to their derivation (recorded in config.json), then derive them
+        self._derived = config.derived_names() + sorted(
+            h.name for h in get_method(config.method).hyperparameters
+            if h.default is None and config.method_args.get(h.name) is None)
         config = config.resolve()
         config.validate()
         self.config = config
-        self.out_dir = Path(out_dir)
+        self.folder = RunFolder(out_dir)
+        self.out_dir = self.folder.path
         self.callbacks = callbacks or Callbacks()
         self.overrides = dict(overrides or {})
         self.allow_data_change = allow_data_change
@@ -264,6 +174,8 @@ class Trainer:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.stop_reason: str | None = None  # set by request_stop (a signal handler)
         self._partial: dict | None = None  # a mid-epoch checkpoint's loop state, on resume
+        self._events: list[tuple[str, dict]] = []  # history events, written once training starts
+        self._rewrite_config = False  # config.json to be (re)written when training starts
         if self.overrides and not resume:
             raise TrainingError("--override applies to --resume only; for a new run give the setting as its own option")
         self.ctx = DistributedContext(device)
@@ -272,11 +184,10 @@ class Trainer:
         # Before minutes of data loading: a folder we cannot write, or one another process writes.
         check_writable_folder(self.out_dir)
         if self.ctx.is_main:  # under torchrun, rank 0 holds the lock for all ranks
-            check_free(self.out_dir)
-        last, previous = self.out_dir / "last.pt", self.out_dir / "last-prev.pt"
-        if resume and not (last.is_file() or previous.is_file()):
-            raise TrainingError(f"--resume: {last} not found (nothing to resume)")
-        if not resume and last.is_file():
+            self.folder.check_free()
+        if resume and not self.folder.holds_run():
+            raise TrainingError(f"--resume: {self.folder.last} not found (nothing to resume)")
+        if not resume and self.folder.holds_run():
             raise TrainingError(f"{self.out_dir} already holds a run; use --resume to continue it or another --out")
 
         # Unknown names fail before minutes of data loading.
@@ -284,6 +195,8 @@ class Trainer:
             raise UnknownModelError(f"unknown model {config.model!r}: ours are {', '.join(model_names())}; "
                                     "any timm model name also works")
         method_cls = get_method(config.method)
+        # The method's settings are checked (types, bounds, its own rules) before the data load too.
+        method_cls(self._setup(num_samples=1, num_classes=10), **config.method_args)
         # Every global stream (torch, Python, NumPy), so that two runs with one --seed agree in full
         # (a resumed run then restores all three from the checkpoint).
         seed_everything(config.seed)
@@ -306,9 +219,9 @@ class Trainer:
                                  drop_rate=config.drop_rate).to(self.ctx.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.setup = TrainingSetup(num_samples=len(train), num_classes=train.num_classes, epochs=config.epochs,
-                                   eps=config.eps, step_size=config.step_size, steps=config.steps, norm=config.norm)
+        self.setup = self._setup(num_samples=len(train), num_classes=train.num_classes)
         self.method = method_cls(self.setup, **config.method_args).to(self.ctx.device)
+        self._hyperparameters = {h.name: h for h in method_cls.hyperparameters}
         if self.ctx.enabled:
             # One random stream per rank (attack random starts, dropout): otherwise every shard of
             # a global batch would get the same noise. Rank 0 keeps the single-process stream.
@@ -347,7 +260,7 @@ class Trainer:
             self.tracked = {"adv_correct": torch.zeros(config.epochs, n, dtype=torch.uint8),
                             "adv_loss": torch.zeros(config.epochs, n, dtype=torch.float16),
                             "recorded": torch.zeros(config.epochs, dtype=torch.uint8)}
-        self.lock = RunLock(self.out_dir)
+        self.lock = self.folder.lock()
         if self.ctx.is_main:  # the folder is created here, after the data loaded without error
             self.lock.acquire()
             if self.lock.notice:
@@ -361,6 +274,11 @@ class Trainer:
         except BaseException:
             self.lock.release()
             raise
+
+    def _setup(self, num_samples: int, num_classes: int) -> TrainingSetup:
+        c = self.config
+        return TrainingSetup(num_samples=num_samples, num_classes=num_classes, epochs=c.epochs, eps=c.eps,
+                             step_size=c.step_size, steps=c.steps, norm=c.norm)
 
     def close(self) -> None:
         """Release the run folder's lock (``fit`` does so when it returns or fails)."""
@@ -400,33 +318,39 @@ class Trainer:
             data_fingerprint=self.fingerprint)
 
     def _check_resume_config(self, state: dict) -> None:
+        """The settings must be the checkpoint's, except those a resume may change: the overrides
+        (recorded) and the ones that do not change results (``free_on_resume``)."""
         saved, current = state.get("config", {}), self.config.to_dict()
-        hyperparameters = {h.name for h in type(self.method).hyperparameters}
         for key in self.overrides:
-            if key not in RunConfig.OVERRIDABLE and key not in hyperparameters:
-                allowed = ", ".join((*RunConfig.OVERRIDABLE, *sorted(hyperparameters)))
+            setting = SETTINGS_BY_NAME.get(key) or self._hyperparameters.get(key)
+            if setting is None or not setting.overridable:
                 raise TrainingError(f"--override {key}: cannot change on resume (it changes what the saved state "
-                                    f"means); these can: {allowed}")
-        saved_args = dict(saved.get("method_args", {}))
+                                    f"means)")
+        saved_method = dict(state.get("method", {}).get("config") or {})
+        compared = [(s.name, saved.get(s.name, s.default), current[s.name]) for s in RUN_SETTINGS
+                    if not s.free_on_resume and s.name not in self.overrides and s.name in saved]
+        compared += [(name, saved_method.get(name), value) for name, value in self.method.settings.items()
+                     if name not in self.overrides and name in saved_method]
+        for key, was, given in compared:
+            if was != given:
+                raise TrainingError(f"--resume: the configuration differs from the saved run in {key!r} (saved "
+                                    f"{was!r}, given {given!r}); to change it deliberately add --override "
+                                    f"{key}=VALUE (at_memorization.training.resume_config applies overrides)")
         changes = {}
-        for key in self.overrides:  # old and new values; a method setting leaves the comparison below
-            old, new = ((saved_args.pop(key, None), self.config.method_args.get(key)) if key in hyperparameters
-                        else (saved.get(key), current[key]))
+        for key in self.overrides:
+            old = saved_method.get(key) if key in self._hyperparameters else saved.get(key)
+            new = self.method.settings[key] if key in self._hyperparameters else current[key]
             if old != new:
                 changes[key] = [old, new]
-        given_args = {k: v for k, v in self.config.method_args.items() if k not in self.overrides}
-        differing = [k for k in current if k not in RunConfig.RESUMABLE_CHANGES and k not in self.overrides
-                     and k != "method_args" and saved.get(k) != current[k]]
-        if differing or saved_args != given_args:
-            key = differing[0] if differing else "method_args"
-            given = current[key] if differing else given_args
-            was = saved.get(key) if differing else saved_args
-            raise TrainingError(f"--resume: configuration differs from the saved run in {key!r} (saved {was!r}, "
-                                f"given {given!r}); to change it deliberately add --override {key}=VALUE")
+        done = state["partial"]["epoch"] - 1 if state.get("partial") else state["epoch"]
+        if self.config.epochs < done:
+            raise TrainingError(f"--override epochs={self.config.epochs}: the run has already finished {done} epochs; "
+                                f"epochs can only grow (or stay at {done})")
         if changes:
             self.callbacks.log("resuming with changed settings: " + ", ".join(
                 f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-            self._history_event("override", epoch=state["epoch"] + 1, changes=changes)
+            self._events.append(("override", {"epoch": done + 1, "changes": changes}))
+            self._rewrite_config = True
 
     def _check_resume_data(self, state: dict) -> None:
         saved = state.get("data_fingerprint")
@@ -440,16 +364,16 @@ class Trainer:
                     f"run's data, or add --allow-data-change to continue on these deliberately")
             self.callbacks.log(f"warning: continuing on different training data (--allow-data-change): "
                                f"fingerprint {saved[:12]} -> {self.fingerprint[:12]}")
-            self._history_event("data-change", epoch=state["epoch"] + 1, fingerprint=[saved, self.fingerprint])
+            self._events.append(("data-change", {"epoch": state["epoch"] + 1, "fingerprint": [saved, self.fingerprint]}))
+            self._rewrite_config = True
 
     def _resume(self) -> None:
-        path, state, passed_over = ckpt.load_resumable(self.out_dir)
+        path, state, passed_over = self.folder.load_resumable()
         if passed_over:
             self.callbacks.log(f"warning: {passed_over}; resuming from the previous checkpoint {path} instead")
-            self._history_event("fallback", path=str(path), reason=passed_over)
+            self._events.append(("fallback", {"path": str(path), "reason": passed_over}))
         self._check_resume_config(state)
         self._check_resume_data(state)
-        ckpt.check_finite_weights(state, path)
         ckpt.load_weights_into(self.model, state["model"], path, model_name=self.config.model)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -465,57 +389,50 @@ class Trainer:
         self._partial = state.get("partial")
         if self._partial is not None:
             self.start_epoch = self._partial["epoch"]
-        self._resume_tracking()
+        self._resume_tracking(state)
         per_rank = state.get("rng_per_rank") or []
         restore_rng(per_rank[self.ctx.rank] if len(per_rank) == self.ctx.world_size else state["rng"])
-        if self.ctx.is_main:  # metrics.jsonl may hold an epoch written after the last checkpoint
-            self._rewrite_metrics()
-            self._remove_stale_temporaries()
+        try:
+            derived = self.folder.read_config().get("derived")
+            if isinstance(derived, list):
+                self._derived = [name for name in derived if name not in self.overrides]
+        except RunFolderError as error:  # e.g. a truncated config.json: the checkpoint holds the settings
+            self.callbacks.log(f"warning: {str(error).splitlines()[0]}; rewriting it from {path}")
+            self._events.append(("config-repaired", {"from": str(path)}))
+            self._rewrite_config = True
         where = f"epoch {self.start_epoch}" + (f", step {self._partial['step']}" if self._partial else "")
         self.callbacks.log(f"resumed from {path} at {where}")
-        self._history_event("resumed", path=str(path), epoch=self.start_epoch,
-                            step=self._partial["step"] if self._partial else 0)
+        self._events.append(("resumed", {"path": str(path), "epoch": self.start_epoch,
+                                         "step": self._partial["step"] if self._partial else 0}))
 
-    def _resume_tracking(self) -> None:
+    def _resume_tracking(self, state: dict) -> None:
         if self.tracked is None:
             return
         done = self.start_epoch - 1
-        path = self.out_dir / "tracking.pt"
+        path = self.folder.tracking
         if path.is_file():
             try:
-                tracked = ckpt.load_tracking(path, self.config.epochs, self.tracked["adv_correct"].shape[1])
+                # any number of epochs: the file may be from before or after an --override epochs=N
+                tracked = ckpt.load_tracking(path, None, self.tracked["adv_correct"].shape[1])
             except ckpt.CheckpointError as error:
                 raise TrainingError(f"--resume: {error}; delete it to resume without the per-sample records of "
                                     f"epochs 1-{done}") from None
-            self.tracked.update({k: tracked[k] for k in ("adv_correct", "adv_loss")})
+            saved_epochs = tracked["adv_correct"].shape[0]
             recorded = tracked.get("recorded")
-            if not isinstance(recorded, torch.Tensor) or tuple(recorded.shape) != (self.config.epochs,):
+            if not isinstance(recorded, torch.Tensor):
                 # a file from before the "recorded" flag: every finished epoch was recorded
-                recorded = (torch.arange(self.config.epochs) < done).to(torch.uint8)
-            self.tracked["recorded"] = recorded.to(torch.uint8)
+                recorded = (torch.arange(saved_epochs) < done).to(torch.uint8)
+            # epochs after the checkpoint's are trained again (the file may have been written for a
+            # checkpoint that never made it to disk)
+            tracked["recorded"] = recorded.to(torch.uint8) * (torch.arange(saved_epochs) < done)
+            # An extended (or shortened) run: its rows grow (or go) with the epochs; new ones unrecorded.
+            rows = min(saved_epochs, self.config.epochs)
+            for key, values in tracked.items():
+                self.tracked[key][:rows] = values[:rows]
         elif done > 0:
             self.callbacks.log(f"warning: {path} is missing: the per-sample records of epochs 1-{done} are lost and "
                                f"marked as not recorded (at-mem memorization will refuse this run)")
-            self._history_event("tracking-lost", epochs=[1, done])
-
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files of a write that was killed (ours are named .<file>.<random>.tmp)."""
-        for stale in self.out_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-
-    def _history_event(self, event: str, **details) -> None:
-        """One line in RUN/history.jsonl: what happened to the run besides training (main process)."""
-        if not self.ctx.is_main or not self.out_dir.is_dir():
-            return
-        line = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "event": event, **details}
-        with open(self.out_dir / "history.jsonl", "a") as handle:
-            handle.write(json.dumps(line) + "\n")
-
-    def _save_last(self, state: dict) -> None:
-        ckpt.save_keeping_previous(state, self.out_dir / "last.pt", self.out_dir / "last-prev.pt")
-
-    def _rewrite_metrics(self) -> None:
-        ckpt.write_text_atomic("".join(json.dumps(r) + "\n" for r in self.history), self.out_dir / "metrics.jsonl")
+            self._events.append(("tracking-lost", {"epochs": [1, done]}))
 
     # ------------------------------------------------------------------ the loop
     def _autocast(self):
@@ -624,15 +541,25 @@ class Trainer:
         for name, total in totals.items():
             record[name] = total / (steps if name == "grad_norm" else samples)
         if not all(math.isfinite(v) for v in (record["train_loss"], record["grad_norm"])):
-            kept = (f"the last good checkpoint is {self.out_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1 else
-                    f"no checkpoint was written yet ({self.out_dir / 'init.pt'} holds the initial weights)")
-            lower = f"{config.lr / 10:g}"
-            advice = (f"continue from there with a lower learning rate: the same command with --resume --override "
-                      f"lr={lower}" if epoch > 1 else f"start again with a lower --lr, e.g. --lr {lower}")
-            raise TrainingError(
-                f"training diverged at epoch {epoch} (loss {record['train_loss']}, grad norm {record['grad_norm']}); "
-                f"{kept}; {advice}")
+            raise self._diverged(f"at epoch {epoch} (loss {record['train_loss']}, grad norm {record['grad_norm']})")
         return record
+
+    def _diverged(self, where: str) -> TrainingError:
+        """The divergence error: it names a checkpoint that was checked to be finite (the run folder
+        never writes others) and a command that continues from it, or says that none exists."""
+        lower = f"{self.config.lr / 10:g}"
+        good = self.folder.last_good
+        if good is not None:
+            # this session's other overrides too: the good checkpoint may predate them
+            again = "".join(f" --override {key}={_as_text(value)}" for key, value in self.overrides.items()
+                            if key != "lr")
+            return TrainingError(
+                f"training diverged {where}; the last good checkpoint is {good[0]} ({good[1]}), checked to be finite; "
+                f"continue from it with a lower learning rate: at-mem train --resume --out {self.out_dir}{again} "
+                f"--override lr={lower}")
+        return TrainingError(f"training diverged {where}; no checkpoint was written yet ({self.folder.init} holds the "
+                             f"initial weights); start again with a lower learning rate: the same command with "
+                             f"--lr {lower}")
 
     def _stop_agreed(self, done: int) -> bool:
         """Whether to stop after this step; under torchrun all processes decide together."""
@@ -646,6 +573,7 @@ class Trainer:
 
     def _save_partial(self, epoch: int, done: int, generator, sums: dict, seconds: float) -> None:
         """A mid-epoch checkpoint: the state after ``done`` steps of ``epoch`` (resumed bit-identically)."""
+        self._check_finite(sums.get("train_loss"), f"in epoch {epoch} (by step {done})")
         rng_states = self._rng_states()
         if not self.ctx.is_main:
             return
@@ -656,8 +584,8 @@ class Trainer:
             "track": {k: v.cpu() for k, v in self._epoch_track.items()} if self.tracked is not None else None,
         }
         if self.tracked is not None:
-            ckpt.save_atomic(self.tracked, self.out_dir / "tracking.pt")
-        self._save_last(state)
+            self.folder.save_tracking(self.tracked)
+        self._save_last(state, f"epoch {epoch}, step {done}")
 
     def _track(self, epoch, x_adv, y, index) -> None:
         """Per-sample adversarial correctness and loss (eval mode) on this step's examples."""
@@ -700,12 +628,14 @@ class Trainer:
         """Train to the last epoch; the lock is released however this ends."""
         try:
             return self._fit()
+        except NonFiniteCheckpoint as error:  # the last guard: never a non-finite checkpoint on disk
+            raise self._diverged(f"({error})") from None
         except OSError as error:  # a write failed: say why in one line, and how to go on
             reason = str(error) if isinstance(error, ckpt.WriteError) else (
                 f"cannot write {error.filename or 'a run file'}: {error.strerror or error} [Errno {error.errno}]")
-            last = self.out_dir / "last.pt"
-            kept = (f"nothing is lost: {last} still holds the last complete checkpoint; once fixed, run the same "
-                    f"command with --resume" if last.is_file() else
+            good = self.folder.last_good
+            kept = (f"nothing is lost: {good[0]} holds the last complete checkpoint ({good[1]}); once fixed, run "
+                    f"the same command with --resume" if good is not None else
                     "no checkpoint was written yet; once fixed, run the same command again")
             raise TrainingError(f"{reason} (free space, raise the file size limit or fix the folder's "
                                 f"permissions); {kept}") from error
@@ -713,44 +643,75 @@ class Trainer:
             self.close()
 
     def _fit(self) -> list[dict]:
+        folder = self.folder
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if self.start_epoch == 1 and self._partial is None:
-                self._remove_stale_temporaries()  # e.g. of a run killed before its first checkpoint
+            if self.start_epoch == 1 and self._partial is None and not folder.holds_run():
+                folder.remove_stale_temporaries()  # e.g. of a run killed before its first checkpoint
                 self._write_run_files()
+            else:  # resumed: the events take effect now, and metrics.jsonl may hold an epoch written
+                # after the last checkpoint
+                folder.remove_stale_temporaries()
+                folder.rewrite_metrics(self.history)
+                if self._rewrite_config:
+                    self._write_config()
+                for event, details in self._events:
+                    folder.record_event(event, **details)
+        self._events = []
         for epoch in range(self.start_epoch, self.config.epochs + 1):
             if self.stop_reason is not None and self._partial is None and not self.ctx.enabled:
                 # between epochs: the previous epoch's checkpoint is the state to resume from
                 raise TrainingInterrupted(self.stop_reason, epoch, 0, 0, saved=epoch > 1)
             record = self.train_epoch(epoch)
-            self.evaluate_epoch(record)
+            improved = False
+            if epoch % self.config.eval_every == 0 or epoch == self.config.epochs:
+                self.evaluate_epoch(record)
+                improved = (record["test_robust_acc"], record["test_clean_acc"]) > (
+                    self.best["test_robust_acc"], self.best["test_clean_acc"])
             self.history.append(record)
-            improved = (record["test_robust_acc"], record["test_clean_acc"]) > (
-                self.best["test_robust_acc"], self.best["test_clean_acc"])
             if improved:
                 self.best = {"epoch": epoch, "test_robust_acc": record["test_robust_acc"],
                              "test_clean_acc": record["test_clean_acc"]}
+            self._check_finite(None, f"at epoch {epoch}")
             rng_states = self._rng_states()
             if self.ctx.is_main:
                 state = self._checkpoint(epoch, rng_states)
                 if self.tracked is not None:
-                    ckpt.save_atomic(self.tracked, self.out_dir / "tracking.pt")
+                    folder.save_tracking(self.tracked)
                 if improved:
-                    ckpt.save_atomic(state, self.out_dir / "best.pt")
-                self._save_last(state)
-                with open(self.out_dir / "metrics.jsonl", "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                    folder.save_best(state)
+                self._save_last(state, f"epoch {epoch}")
+                folder.append_metrics(record)
             self.ctx.barrier()
             self.callbacks.epoch_end(record)
         return self.history
 
+    def _save_last(self, state: dict, what: str) -> None:
+        self.folder.save_last(state, what)
+
+    def _check_finite(self, loss_sum, where: str) -> None:
+        """Stop (a divergence error) unless the weights, and ``loss_sum`` if given, are finite on
+        every process: checked before each checkpoint, so none holds NaN weights."""
+        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+        values = torch.stack([torch.linalg.vector_norm(torch.stack(norms))]
+                             + ([loss_sum.reshape(()).float()] if loss_sum is not None else []))
+        finite = torch.isfinite(values).all().float().reshape(1)
+        if self.ctx.enabled:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite.item()):
+            raise self._diverged(where)
+
+    def _write_config(self) -> None:
+        """config.json: the settings (run and method, resolved) and which were derived."""
+        self.folder.write_config({
+            "config": self.config.to_dict(), "method": dict(self.method.settings),
+            "derived": self._derived, "world_size": self.ctx.world_size, "device": str(self.ctx.device),
+            "data_fingerprint": self.fingerprint})
+
     def _write_run_files(self) -> None:
         """Files written once at the start: settings, initial weights, the (possibly noisy) labels."""
-        ckpt.write_text_atomic(json.dumps({"config": self.config.to_dict(), "method": dict(self.method.settings),
-                                           "world_size": self.ctx.world_size, "device": str(self.ctx.device),
-                                           "data_fingerprint": self.fingerprint}, indent=2) + "\n",
-                               self.out_dir / "config.json")
-        ckpt.save_atomic(ckpt.cpu_state_dict(self.model), self.out_dir / "init.pt")
+        self._write_config()
+        ckpt.save_atomic(ckpt.cpu_state_dict(self.model), self.folder.init)
         ckpt.save_atomic({"labels": self.data.train.labels, "clean_labels": self.data.clean_train_labels},
-                         self.out_dir / "labels.pt")
-        (self.out_dir / "metrics.jsonl").write_text("")
+                         self.folder.labels)
+        self.folder.start_metrics()

@@ -14,7 +14,9 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .methods import MethodError, UnknownMethodError
 from .models import UnknownModelError
+from .runfolder import RunFolderError
 from .runlock import RunLockError
+from .settings import SettingError
 from .training import TrainingError
 
 class AnalysisError(ValueError):
@@ -22,7 +24,8 @@ class AnalysisError(ValueError):
 
 
 USER_ERRORS = (DataError, CheckpointError, MethodError, UnknownMethodError, UnknownModelError,
-               RobustBenchUnavailable, FileNotFoundError, RunLockError, TrainingError, AnalysisError)
+               RobustBenchUnavailable, FileNotFoundError, RunLockError, TrainingError, AnalysisError,
+               SettingError, RunFolderError)
 
 
 def one_line_errors(func):

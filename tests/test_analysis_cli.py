@@ -90,8 +90,8 @@ def test_measures_command_ranks_checkpoints(tracked_run, tmp_path):
 
 def test_bad_input_gives_one_line_errors(tracked_run, tmp_path):
     cases = [
-        (("memorization", tmp_path / "absent", "--output", tmp_path / "x.json"), "no such run directory"),
-        (("plot", tmp_path / "absent", "--output", tmp_path / "x.png"), "no such run directory"),
+        (("memorization", tmp_path / "absent", "--output", tmp_path / "x.json"), "no such run folder"),
+        (("plot", tmp_path / "absent", "--output", tmp_path / "x.png"), "no such run folder"),
         (("plot", tracked_run, "--output", tmp_path / "x.jpg"), "must be a .png"),
         (("measures", tmp_path / "absent.pt", "--output", tmp_path / "x.json"), "no such checkpoint"),
         (("gradient-stability", tmp_path, "--output", tmp_path / "x.json"), "without last.pt"),

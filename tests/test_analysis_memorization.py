@@ -88,7 +88,7 @@ def test_report_options_and_fallbacks(tmp_path):
 
 
 def test_missing_inputs_give_clear_errors(tmp_path):
-    with pytest.raises(AnalysisError, match="no such run directory"):
+    with pytest.raises(AnalysisError, match="no such run folder"):
         memorization_report(tmp_path / "absent")
     run = make_run(tmp_path / "run")
     (run / "tracking.pt").unlink()

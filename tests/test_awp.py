@@ -13,7 +13,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 import textwrap
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from at_memorization.methods import MethodError, TrainingSetup, get_method
 from at_memorization.methods.pgd_at import PGDAT
 from at_memorization.plugins.awp import PGDATAWP, PGDATTEAWP, TRADESAWP, awp_weight_names
 from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingInterrupted
+from subprocess_guard import run_with_hang_guard
 
 from cli_testing import invoke
 
@@ -508,7 +508,7 @@ def test_two_process_torchrun_run(mnist_dir, tmp_path):
     # at_memorization.egg-info in the repository root would shadow the installed entry points.)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "at_memorization", "train", *args, "--out", str(tmp_path / "run")]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run_with_hang_guard(command, cwd=tmp_path, env=env)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in records)
@@ -520,6 +520,6 @@ def test_two_process_torchrun_run(mnist_dir, tmp_path):
     out = tmp_path / "ranks.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
                str(out), *args, "--out", str(tmp_path / "run2")]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run_with_hang_guard(command, cwd=tmp_path, env=env)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert json.loads(out.read_text())["ranks_identical"]

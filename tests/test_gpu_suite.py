@@ -1,33 +1,43 @@
 """The GPU suite's dry run (--tiny, CPU, MNIST): every stage runs and writes the JSON the docs describe,
-so the suite cannot rot between the rare GPU leases. No timing is asserted."""
+so the suite cannot rot between the rare GPU leases. No timing is asserted, and no subprocess has a
+wall-clock timeout: a loaded machine makes these tests slower, not red. Their hang guard
+(tests/subprocess_guard.py) fires only after a long silence on both stdout and stderr."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tarfile
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from subprocess_guard import run_with_hang_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu" / "suite.py"
 COLLECT = ROOT / "benchmarks" / "gpu" / "collect.py"
 METHODS = ("pgd-at", "pgd-at-te", "trades", "trades-te", "pgd-at-awp", "trades-awp", "pgd-at-te-awp", "mart")
+# suite.py prints a line as each step starts and ends, but says nothing while one step's subprocess
+# runs. The longest step, `at-mem train --compile` (speed stage), took 43 s without output on an idle
+# 2-core machine (every other step under 8 s), so 600 s of silence leaves room for a 14x slowdown.
+SUITE_SILENCE_S = 600
+# The suite's own --budget-s is wall-clock too (a step with too little left is skipped, and a running
+# step is killed when the budget is spent), so the runs that must complete every step get a day.
+NO_BUDGET_S = 86_400
 
 
-def _suite(*args, mnist_dir, timeout=600):
+def _suite(*args, mnist_dir, silence_s=SUITE_SILENCE_S):
     env = {**os.environ, "AT_MEM_SHARED_DATA": str(mnist_dir.parent)}
-    return subprocess.run([sys.executable, "-P", str(SUITE), *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return run_with_hang_guard([sys.executable, "-P", str(SUITE), *map(str, args)], env=env, silence_s=silence_s)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-suite")
-    done = _suite("all", "--tiny", "--out", out, "--work", out.parent / "gpu-suite-work", "--budget-s", 900,
+    done = _suite("all", "--tiny", "--out", out, "--work", out.parent / "gpu-suite-work", "--budget-s", NO_BUDGET_S,
                   mnist_dir=mnist_dir)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, done.stdout
@@ -75,14 +85,14 @@ def test_profile_stage_counts_host_operators_per_step(tiny_run):
 
 
 def test_only_runs_the_named_steps_of_the_named_stages(mnist_dir, tmp_path):
-    done = _suite("check,profile", "--tiny", "--only", "profile_pgd-at", "--out", tmp_path, "--budget-s", 300,
-                  mnist_dir=mnist_dir, timeout=300)
+    done = _suite("check,profile", "--tiny", "--only", "profile_pgd-at", "--out", tmp_path, "--budget-s", NO_BUDGET_S,
+                  mnist_dir=mnist_dir)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     check = json.loads((tmp_path / "check.json").read_text())
     assert list(check["steps"]) == ["environment"] and check["skipped"]["cuda_tests"] == "not selected (--only)"
     assert list(json.loads((tmp_path / "profile.json").read_text())["steps"]) == ["profile_pgd-at"]
     assert not (tmp_path / "speed.json").exists()
-    wrong = _suite("check,warp", "--tiny", "--out", tmp_path, mnist_dir=mnist_dir, timeout=60)
+    wrong = _suite("check,warp", "--tiny", "--out", tmp_path, mnist_dir=mnist_dir)
     assert wrong.returncode == 2 and "unknown stage warp" in wrong.stderr
 
 
@@ -123,22 +133,20 @@ def test_reproduce_stage_trains_evaluates_and_packs_records(tiny_run):
 @pytest.mark.slow
 def test_collect_copies_under_the_device_name(tiny_run, tmp_path):
     out, _ = tiny_run
-    done = subprocess.run([sys.executable, str(COLLECT), str(out), "--results", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    done = run_with_hang_guard([sys.executable, str(COLLECT), str(out), "--results", str(tmp_path)])
     assert done.returncode == 0, done.stderr
     (folder,) = tmp_path.iterdir()
     assert folder.name.startswith("gpu-cpu-")
     assert {p.name for p in folder.iterdir()} == {"check.json", "profile.json", "speed.json", "reproduce.json",
                                                   "runs.tar.gz"}
     assert "check on cpu" in done.stdout and "pgd-at:" in done.stdout
-    again = subprocess.run([sys.executable, str(COLLECT), str(out), "--results", str(tmp_path)],
-                           capture_output=True, text=True, timeout=60)
+    again = run_with_hang_guard([sys.executable, str(COLLECT), str(out), "--results", str(tmp_path)])
     assert again.returncode == 0, again.stderr  # a second lease the same day: a new folder, the first kept
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name, f"{folder.name}-2"]
 
 
 def test_a_spent_budget_skips_every_step_and_says_why(mnist_dir, tmp_path):
-    done = _suite("all", "--tiny", "--out", tmp_path, "--budget-s", 0, mnist_dir=mnist_dir, timeout=120)
+    done = _suite("all", "--tiny", "--out", tmp_path, "--budget-s", 0, mnist_dir=mnist_dir)
     assert done.returncode == 0, done.stderr
     check = json.loads((tmp_path / "check.json").read_text())
     assert list(check["steps"]) == ["environment"]
@@ -148,11 +156,88 @@ def test_a_spent_budget_skips_every_step_and_says_why(mnist_dir, tmp_path):
 
 
 def test_full_settings_need_a_cuda_device_or_tiny(tmp_path):
-    done = subprocess.run([sys.executable, "-P", str(SUITE), "check", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = run_with_hang_guard([sys.executable, "-P", str(SUITE), "check", "--out", str(tmp_path)])
     assert done.returncode != 0 and "--cifar-dir is needed" in done.stderr
 
 
 def test_collect_refuses_a_folder_without_results(tmp_path):
-    done = subprocess.run([sys.executable, str(COLLECT), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    done = run_with_hang_guard([sys.executable, str(COLLECT), str(tmp_path)])
     assert done.returncode == 2 and done.stderr.startswith("error: none of")
+
+
+# --------------------------------------------------------------------------- the hang guard itself (fast, no data)
+def _python(code: str) -> list[str]:
+    """A Python child that starts in milliseconds (-I -S: no site, no user paths)."""
+    return [sys.executable, "-I", "-S", "-c", textwrap.dedent(code)]
+
+
+_SILENT_CHILD = """
+    import os, subprocess, sys, time
+    helper = subprocess.Popen([sys.executable, "-I", "-S", "-c", "import time; time.sleep(30)"])  # same group
+    print(f"started {os.getpid()} {os.getpgid(0)} {helper.pid}", flush=True)
+"""
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not dead (zombies, which nothing may reap here, are dead)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+            if int(group) == pgid and state not in "ZX":
+                members.append(int(entry.name))
+    return members
+
+
+def _assert_group_gone(message: str) -> None:
+    (line,) = [line for line in message.splitlines() if line.startswith("started ")]  # the output's tail
+    pid, pgid, helper = map(int, line.split()[1:])
+    assert pgid == pid and helper != pid  # the child led its own group, and the helper was in it
+    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously: give the kernel a moment
+    while _live_group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _live_group_members(pgid) == []
+
+
+def test_hang_guard_lets_a_child_that_keeps_talking_run_past_the_silence_limit():
+    started = time.monotonic()
+    # One line every 0.2 s for 3 s: first on stdout, then on stderr, so that each stream alone is
+    # silent for longer than silence_s; only output on neither stream counts as a hang.
+    done = run_with_hang_guard(_python("""
+        import sys, time
+        for i in range(15):
+            print(f"line {i}", file=sys.stdout if i < 8 else sys.stderr, flush=True)
+            time.sleep(0.2)
+        sys.exit(3)
+    """), silence_s=1)
+    assert time.monotonic() - started > 2.9  # longer than silence_s in all
+    assert done.returncode == 3
+    assert done.stdout.splitlines() == [f"line {i}" for i in range(8)]
+    assert done.stderr.splitlines() == [f"line {i}" for i in range(8, 15)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
+def test_hang_guard_kills_a_silent_child_and_its_process_group():
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match=r"no output for 1 s \(hung\?\)") as info:
+        run_with_hang_guard(_python(_SILENT_CHILD + "    time.sleep(30)\n"), silence_s=1)
+    elapsed = time.monotonic() - started
+    assert 1 <= elapsed < 25, elapsed  # killed after 1 s of silence, not after the child's 30 s sleep
+    _assert_group_gone(str(info.value))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
+def test_hang_guard_fires_when_a_leftover_process_keeps_the_pipes_open():
+    # The child exits at once, but a process it left behind holds stdout and says nothing: a plain
+    # subprocess.run would wait for that pipe forever.
+    with pytest.raises(AssertionError, match=r"no output for 1 s \(hung\?\)") as info:
+        run_with_hang_guard(_python(_SILENT_CHILD), silence_s=1)
+    _assert_group_gone(str(info.value))
+
+
+def test_hang_guard_refuses_a_wall_clock_timeout():
+    with pytest.raises(TypeError, match="silence_s"):
+        run_with_hang_guard(_python("pass"), timeout=5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 
 from at_memorization.cli import main
 from at_memorization.methods import discover
+from subprocess_guard import run_with_hang_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
@@ -108,9 +108,8 @@ def test_resume_restores_the_ensemble_exactly(cifar_jpg_dir, tmp_path):
 
 
 def test_drop_in_example_runs(mnist_dir):
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "drop_in_te.py"), "--data-dir", str(mnist_dir),
-                             "--train-size", "256", "--test-size", "64", "--epochs", "4"],
-                            capture_output=True, text=True, env=ENV, timeout=300)
+    result = run_with_hang_guard([sys.executable, str(ROOT / "examples" / "drop_in_te.py"), "--data-dir",
+                                  str(mnist_dir), "--train-size", "256", "--test-size", "64", "--epochs", "4"], env=ENV)
     assert result.returncode == 0, result.stderr
     lines = [l for l in result.stdout.splitlines() if l.startswith("epoch")]
     assert len(lines) == 4
@@ -119,33 +118,33 @@ def test_drop_in_example_runs(mnist_dir):
 
 def test_custom_method_plugin_is_discovered_and_trains(mnist_dir, tmp_path):
     target = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                              "--no-index", "--target", str(target), str(ROOT / "examples" / "custom_method_plugin")],
-                             capture_output=True, text=True, env=ENV, timeout=300)
+    # pip --quiet says nothing until it is done: its silence is its whole run, hence the longer guard.
+    install = run_with_hang_guard([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                                   "--no-build-isolation", "--no-index", "--target", str(target),
+                                   str(ROOT / "examples" / "custom_method_plugin")], env=ENV, silence_s=600)
     assert install.returncode == 0, install.stderr
     env = {**ENV, "PYTHONPATH": f"{target}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
-    listed = subprocess.run([sys.executable, "-m", "at_memorization", "methods"], capture_output=True, text=True,
-                            env=env, timeout=120)
+    listed = run_with_hang_guard([sys.executable, "-m", "at_memorization", "methods"], env=env)
     assert listed.returncode == 0, listed.stderr
     line = next(l for l in listed.stdout.splitlines() if l.startswith("fast-at"))
     assert "at-mem-fast-at" in line and "fast_at_plugin" in line
     run = tmp_path / "fast"
-    trained = subprocess.run([sys.executable, "-m", "at_memorization", "train", "--method", "fast-at", "--fgsm-step",
-                              "0.1", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model", "smallcnn",
-                              "--epochs", "1", "--train-size", "128", "--test-size", "32", "--eps", "0.1",
-                              "--eval-steps", "2", "--device", "cpu", "--quiet", "--out", str(run)],
-                             capture_output=True, text=True, env=env, timeout=300)
+    trained = run_with_hang_guard([sys.executable, "-m", "at_memorization", "train", "--method", "fast-at",
+                                   "--fgsm-step", "0.1", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model",
+                                   "smallcnn", "--epochs", "1", "--train-size", "128", "--test-size", "32", "--eps",
+                                   "0.1", "--eval-steps", "2", "--device", "cpu", "--quiet", "--out", str(run)],
+                                  env=env)
     assert trained.returncode == 0, trained.stderr
     assert _metrics(run)[0]["epoch"] == 1
     assert json.loads((run / "config.json").read_text())["method"]["fgsm_step"] == 0.1
     # Its TE variant is four lines (extensions = (TemporalEnsembling,)) and trains with the TE penalty on.
     assert any(l.startswith("fast-at-te") for l in listed.stdout.splitlines())
     run_te = tmp_path / "fast-te"
-    trained = subprocess.run([sys.executable, "-m", "at_memorization", "train", "--method", "fast-at-te",
-                              "--te-start", "1", "--te-end", "2", "--dataset", "mnist", "--data-dir", str(mnist_dir),
-                              "--model", "smallcnn", "--epochs", "2", "--train-size", "128", "--test-size", "32",
-                              "--eps", "0.1", "--eval-steps", "2", "--device", "cpu", "--quiet", "--out", str(run_te)],
-                             capture_output=True, text=True, env=env, timeout=300)
+    trained = run_with_hang_guard([sys.executable, "-m", "at_memorization", "train", "--method", "fast-at-te",
+                                   "--te-start", "1", "--te-end", "2", "--dataset", "mnist", "--data-dir",
+                                   str(mnist_dir), "--model", "smallcnn", "--epochs", "2", "--train-size", "128",
+                                   "--test-size", "32", "--eps", "0.1", "--eval-steps", "2", "--device", "cpu",
+                                   "--quiet", "--out", str(run_te)], env=env)
     assert trained.returncode == 0, trained.stderr
     records = _metrics(run_te)
     assert [r["te_weight_now"] for r in records] == [pytest.approx(300 * math.exp(-5.0)), 300.0]

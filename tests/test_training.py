@@ -14,6 +14,8 @@ import torch
 
 from at_memorization import checkpoint as ckpt
 from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingError, learning_rate
+from at_memorization.settings import SettingError
+from subprocess_guard import communicate_with_hang_guard, run_with_hang_guard
 
 REQUIRED_KEYS = {"epoch", "lr", "train_loss", "train_seconds", "test_clean_acc", "test_robust_acc"}
 
@@ -45,12 +47,12 @@ def test_cosine_schedule():
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("eps", -0.1, "eps"), ("label_noise", 1.5, "label noise"), ("epochs", 0, "epochs"),
-    ("lr", 0.0, "learning rate"), ("schedule", "linear", "schedule"), ("norm", "L1", "norm"),
-    ("input_noise_fraction", 2.0, "input noise"),
+    ("eps", -0.1, "--eps must be >= 0"), ("label_noise", 1.5, "--label-noise must be in"), ("epochs", 0, "--epochs"),
+    ("lr", 0.0, "--lr must be > 0"), ("schedule", "linear", "--schedule"), ("norm", "L1", "--norm"),
+    ("input_noise_fraction", 2.0, "--input-noise-fraction"),
 ])
 def test_config_validation(field, value, words):
-    with pytest.raises(TrainingError, match=words):
+    with pytest.raises(SettingError, match=words):
         RunConfig(**{field: value}).validate()
 
 
@@ -233,11 +235,17 @@ def test_absurd_learning_rate_diverges_cleanly(mnist_dir, tmp_path):
     else:
         assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
         # the advice can be followed: resume with a lower lr, recorded in the run's history
-        assert "--resume --override lr=1e+11" in message
+        assert f"at-mem train --resume --out {run} --override lr=1e+11" in message
         config = _config(mnist_dir, epochs=2, lr=0.01, train_size=64, test_size=16, steps=1, eval_steps=1)
         trainer = Trainer(config, run, resume=True, overrides={"lr": 0.01})
         assert trainer.start_epoch == 2 and trainer.config.lr == 0.01
         trainer.close()
+        # an event is recorded once it took effect (training went on), not when it was requested
+        assert not (run / "history.jsonl").exists()
+        try:  # epoch 1's momentum, built at lr 1e12, may still make this diverge: it trained all the same
+            Trainer(config, run, resume=True, overrides={"lr": 0.01}).fit()
+        except TrainingError as error:
+            assert "diverged" in str(error)
         events = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
         assert {"event": "override", "epoch": 2, "changes": {"lr": [1e12, 0.01]}}.items() <= events[0].items()
 
@@ -318,16 +326,14 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(mnist_dir, tmp_path)
     ]
     for i, (kill, epochs_logged) in enumerate(kills):
         args = _train_args(mnist_dir, cut) + (["--resume"] if i else [])
-        result = subprocess.run([sys.executable, str(driver), *args], env=_env(kill), capture_output=True,
-                                text=True, timeout=300)
+        result = run_with_hang_guard([sys.executable, str(driver), *args], env=_env(kill))
         assert result.returncode == -9, (kill, result.stdout, result.stderr)
         assert [r["epoch"] for r in _metrics(cut)][:len(epochs_logged)] == epochs_logged
     assert list(cut.glob(".last.pt.*.tmp")), "the killed write should have left its temporary file"
-    result = subprocess.run([sys.executable, str(driver), *_train_args(mnist_dir, cut), "--resume"], env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = run_with_hang_guard([sys.executable, str(driver), *_train_args(mnist_dir, cut), "--resume"], env=_env())
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stderr
-    output, _ = reference.communicate(timeout=300)
+    output, _ = communicate_with_hang_guard(reference)
     assert reference.returncode == 0, output
 
     _assert_same_run(full, cut)

@@ -8,7 +8,6 @@ computed in train mode.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch.nn.functional as F
 
 from ..attacks import margins  # noqa: F401  (re-exported)
 from ..methods import Method, TrainingSetup, get_method
-from ..checkpoint import build_model_from_checkpoint, load_checkpoint, run_setting
+from ..checkpoint import build_model_from_checkpoint, load_checkpoint, load_labels, run_setting
+from ..runfolder import RunFolder, RunFolderError
 from ..runtime import eval_mode
 from ..user_errors import AnalysisError  # noqa: F401  (re-exported: the analyses raise it)
 from ..data import IndexedDataset, load_data, load_split
@@ -26,24 +26,11 @@ from ..data import IndexedDataset, load_data, load_split
 
 # --------------------------------------------------------------------------- run directories
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The per-epoch records of a run (``metrics.jsonl``), in epoch order."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise AnalysisError(f"{run_dir}: no such run directory")
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise AnalysisError(f"{path} not found: {run_dir} is not an `at-mem train` run directory")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise AnalysisError(f"{path}:{number}: not JSON ({error.msg})") from error
-    if not records:
-        raise AnalysisError(f"{path} is empty: the run has not finished an epoch yet")
-    return sorted(records, key=lambda r: r["epoch"])
+    """The per-epoch records of a run (``metrics.jsonl``), in epoch order: the run folder's one reader."""
+    try:
+        return RunFolder(run_dir).read_metrics()
+    except RunFolderError as error:
+        raise AnalysisError(str(error)) from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -114,11 +101,9 @@ def training_split(checkpoint: LoadedCheckpoint, data_dir: str | Path | None = N
                      input_noise=config.get("input_noise"), input_noise_fraction=config.get("input_noise_fraction", 1.0),
                      seed=config.get("seed", 0))
     train = data.train
-    labels_file = checkpoint.run_dir / "labels.pt"
+    labels_file = RunFolder(checkpoint.run_dir).labels
     if labels_file.is_file():
-        saved = torch.load(labels_file, map_location="cpu", weights_only=True)["labels"]
-        if saved.shape == train.labels.shape:
-            train.labels = saved.to(torch.int64)
+        train.labels = load_labels(labels_file, len(train.labels))["labels"].to(torch.int64)
     return train
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import CheckpointError, load_labels
 from ..report import best_record
 from .common import AnalysisError, read_metrics
 
@@ -91,6 +92,10 @@ def memorization_report(run_dir: str | Path, *, late_after: int | None = None, m
     n = correct.shape[1]
     fit = fit_epochs(correct)
 
+    skipped = [r["epoch"] for r in records if "test_robust_acc" not in r]
+    if skipped:
+        raise AnalysisError(f"{run_dir} was not evaluated at every epoch (--eval-every; e.g. epoch {skipped[0]}): "
+                            f"the memorization report compares per-epoch test accuracy; train with --eval-every 1")
     test_robust = [r["test_robust_acc"] for r in records]
     tracked_acc = correct.float().mean(1).tolist()
     train_robust_source = "train_robust_acc" if all("train_robust_acc" in r for r in records) else "tracked adv_correct"
@@ -112,9 +117,11 @@ def memorization_report(run_dir: str | Path, *, late_after: int | None = None, m
     labels_file = run_dir / "labels.pt"
     noisy = None
     if labels_file.is_file():
-        labels = torch.load(labels_file, map_location="cpu", weights_only=True)
-        if labels["labels"].shape == (n,):
-            noisy = labels["labels"] != labels["clean_labels"]
+        try:
+            labels = load_labels(labels_file, n)
+        except CheckpointError as error:
+            raise AnalysisError(str(error)) from None
+        noisy = labels["labels"] != labels["clean_labels"]
 
     report = {
         "run_dir": str(run_dir), "run": run_dir.name, "epochs": epochs, "samples": n,

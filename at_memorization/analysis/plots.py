@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..report import best_record  # noqa: E402
+from ..report import best_record, final_record  # noqa: E402
 
 ACC_CURVES = (("train_clean_acc", "train clean", "tab:blue", "--"), ("train_robust_acc", "train robust", "tab:red", "--"),
               ("test_clean_acc", "test clean", "tab:blue", "-"), ("test_robust_acc", "test robust", "tab:red", "-"))
@@ -61,7 +61,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
             epochs, values = _series(records, "train_adv_acc")
             ax.plot(epochs, values, ":", color="tab:red", label="train adv (training)")
         best = best_record(records)
-        final = records[-1]
+        final = final_record(records)
         ax.plot([best["epoch"]], [best["test_robust_acc"]], "*", color="black", markersize=12,
                 label=f"best ep {best['epoch']}: {best['test_robust_acc']:.3f}")
         ax.plot([final["epoch"]], [final["test_robust_acc"]], "o", color="black", fillstyle="none", markersize=9,
@@ -75,7 +75,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
 
         ax = axes[1][col]
         train_key = "train_robust_acc" if any("train_robust_acc" in r for r in records) else "train_adv_acc"
-        gap = [(r["epoch"], r[train_key] - r["test_robust_acc"]) for r in records if train_key in r]
+        gap = [(r["epoch"], r[train_key] - r["test_robust_acc"]) for r in records
+               if train_key in r and "test_robust_acc" in r]
         if gap:
             ax.plot([g[0] for g in gap], [g[1] for g in gap], color="tab:purple")
         ax.axhline(0, color="gray", lw=0.8)
@@ -118,7 +119,8 @@ def _mean_band(runs: list[list[dict]], key: str):
     for records in runs:
         for r in records:
             if key == "robust_gap":
-                value = (r["train_robust_acc"] - r["test_robust_acc"]) if "train_robust_acc" in r else None
+                value = (r["train_robust_acc"] - r["test_robust_acc"]) if "train_robust_acc" in r and \
+                    "test_robust_acc" in r else None
             else:
                 value = r.get(key)
             if value is not None:

@@ -36,25 +36,20 @@ defaults and derived values filled in, which checkpoints save (under ``method.co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..attacks import Penalty  # penalty(logits) -> scalar, added to an attack's inner loss
+from ..settings import SETTINGS_BY_NAME, Setting, SettingError
 
 
 @dataclass(frozen=True)
-class Hyperparameter:
-    """A method's own setting, exposed as ``--<name with dashes>`` by the CLI."""
+class Hyperparameter(Setting):
+    """A method's own setting, exposed as ``--<name with dashes>`` by the CLI: a run Setting (type,
+    default, help, bounds such as ``minimum=0``), which a resume may change by default."""
 
-    name: str  # python keyword, e.g. "te_momentum" -> --te-momentum
-    type: type
-    default: Any  # None: the method derives it (e.g. from the number of epochs)
-    help: str
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+    overridable: bool = True
 
 
 @dataclass(frozen=True)
@@ -64,10 +59,11 @@ class TrainingSetup:
     num_samples: int
     num_classes: int
     epochs: int
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
-    norm: str = "Linf"
+    # the attack's defaults are the run settings' (at_memorization.settings), stated once
+    eps: float = SETTINGS_BY_NAME["eps"].default
+    step_size: float = SETTINGS_BY_NAME["step_size"].default
+    steps: int = SETTINGS_BY_NAME["steps"].default
+    norm: str = SETTINGS_BY_NAME["norm"].default
 
 
 class MethodError(ValueError):
@@ -166,9 +162,13 @@ class Method:
         unknown = sorted(set(method_args) - set(known))
         if unknown:
             raise MethodError(f"method {self.name!r} takes no setting {', '.join(unknown)}")
-        # None: not given, so the default, or a value the method or an extension derives below
-        self.settings = {name: h.default if method_args.get(name) is None else h.type(method_args[name])
-                         for name, h in known.items()}
+        # None: not given, so the default, or a value the method or an extension derives below;
+        # given values are checked against their declarations (type, bounds) here, for every method
+        try:
+            self.settings = {name: h.default if method_args.get(name) is None else h.coerce(method_args[name])
+                             for name, h in known.items()}
+        except SettingError as error:
+            raise MethodError(f"{self.name}: {error}") from None
         self.notes: list[str] = []  # messages for the run's log (e.g. derived defaults)
         self._extensions = {extension.key: extension(self) for extension in self.extensions}
 

@@ -23,7 +23,7 @@ def trades_kl(logits_adv, logits_clean):
 class TRADES(Method):
     name = "trades"
     description = "TRADES (Zhang et al. 2019): CE(clean) + beta * KL(adv || clean), Linf or L2"
-    hyperparameters = (Hyperparameter("beta", float, 6.0, "TRADES' robustness weight"),)
+    hyperparameters = (Hyperparameter("beta", float, 6.0, "TRADES' robustness weight", minimum=0.0),)
     regularized_logits = "clean"  # TRADES+TE penalizes the clean logits in the loss (the paper's code)
 
     def __init__(self, setup, **method_args):
@@ -31,8 +31,6 @@ class TRADES(Method):
         if setup.norm not in ("Linf", "L2"):
             raise MethodError(f"{self.name} supports the Linf and L2 threat models, got norm {setup.norm!r}")
         self.beta = self.settings["beta"]
-        if not self.beta >= 0:  # also NaN
-            raise MethodError(f"{self.name}: --beta must be a number >= 0, got {self.beta}")
 
     def build_attack(self, model) -> PenalizedTPGD:
         s = self.setup

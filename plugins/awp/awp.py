@@ -40,7 +40,6 @@ extension object. It is reloaded from the model at every step and its optimizer 
 from __future__ import annotations
 
 import copy
-import math
 from collections import OrderedDict
 
 import torch
@@ -59,9 +58,10 @@ def awp_weight_names(model: torch.nn.Module) -> list[str]:
 
 AWP_HYPERPARAMETERS = (
     Hyperparameter("awp_gamma", float, None, "AWP: size of the weight perturbation relative to each layer's weight "
-                   "norm, 0 for none (the reference's: 0.01 for pgd-at-awp and pgd-at-te-awp, 0.005 for trades-awp)"),
+                   "norm, 0 for none (the reference's: 0.01 for pgd-at-awp and pgd-at-te-awp, 0.005 for trades-awp)",
+                   minimum=0.0),
     Hyperparameter("awp_warmup", int, None, "AWP: epochs trained without it before it starts (the reference's: 0; "
-                   "trades-awp: 9 of 200 epochs, 4.5% of other lengths rounded down)"),
+                   "trades-awp: 9 of 200 epochs, 4.5% of other lengths rounded down)", minimum=0),
 )
 
 
@@ -93,10 +93,6 @@ class AdversarialWeightPerturbation(Extension):
                 method.notes.append(f"AWP: {setup.epochs} epochs, so AWP starts at epoch {h['awp_warmup'] + 1} "
                                     f"(the reference's {default_warmup + 1} of 200)")
         gamma, warmup = h["awp_gamma"], h["awp_warmup"]
-        if not (math.isfinite(gamma) and gamma >= 0):
-            raise MethodError(f"{name}: --awp-gamma must be a number >= 0 (0: no AWP), got {gamma}")
-        if warmup < 0:
-            raise MethodError(f"{name}: --awp-warmup must be >= 0, got {warmup}")
         if gamma > 0 and warmup >= setup.epochs:
             raise MethodError(f"{name}: AWP starts after {warmup} epochs (--awp-warmup) but the run has "
                               f"{setup.epochs} epochs, so AWP would never switch on; use --awp-warmup < "

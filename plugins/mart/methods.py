@@ -22,7 +22,8 @@ from .loss import mart_terms
 class MART(Method):
     name = "mart"
     description = "MART (Wang et al. 2020): CE + BCE on adv + beta * KL(adv || clean) * (1 - p_y(clean)), Linf"
-    hyperparameters = (Hyperparameter("mart_beta", float, 6.0, "MART: weight of the misclassification-aware KL term"),)
+    hyperparameters = (Hyperparameter("mart_beta", float, 6.0, "MART: weight of the misclassification-aware KL term",
+                                      minimum=0.0),)
     regularized_logits = "adv"  # an extension's loss term applies to the adversarial logits, as for PGD-AT
 
     def __init__(self, setup, **method_args):
@@ -31,8 +32,6 @@ class MART(Method):
             raise MethodError(f"{self.name} supports the Linf threat model only (the reference code has no L2 "
                               f"attack), got norm {setup.norm!r}")
         self.beta = self.settings["mart_beta"]
-        if not self.beta >= 0:  # also NaN
-            raise MethodError(f"{self.name}: --mart-beta must be a number >= 0, got {self.beta}")
 
     def build_attack(self, model) -> MARTPGD:
         s = self.setup

@@ -36,13 +36,14 @@ class TemporalEnsembling(Extension):
     key = "te"
     has_state = True
     hyperparameters = (
-        Hyperparameter("te_momentum", float, 0.9, "TE: momentum of the per-sample prediction average"),
+        Hyperparameter("te_momentum", float, 0.9, "TE: momentum of the per-sample prediction average",
+                       minimum=0.0, maximum=1.0, exclusive_maximum=True),
         Hyperparameter("te_weight", float, 300.0, "TE: maximum weight of the penalty (the logged te_weight_now "
-                       "is the ramped weight of the epoch)"),
+                       "is the ramped weight of the epoch)", minimum=0.0),
         Hyperparameter("te_start", int, None, "TE: first epoch of the ensemble and penalty (200 epochs: 90; else "
-                       "round(0.45*epochs))"),
+                       "round(0.45*epochs))", minimum=1),
         Hyperparameter("te_end", int, None, "TE: epoch where the weight reaches its maximum (200 epochs: 150; else "
-                       "round(0.75*epochs))"),
+                       "round(0.75*epochs))", minimum=1),
     )
 
     def __init__(self, method):
@@ -59,9 +60,6 @@ class TemporalEnsembling(Extension):
         if start > setup.epochs:
             raise MethodError(f"{name}: TE starts at epoch {start} (--te-start) but the run has {setup.epochs} "
                               f"epochs, so TE would never switch on; use --te-start <= {setup.epochs}")
-        if h["te_weight"] < 0 or not 0.0 <= h["te_momentum"] < 1.0:
-            raise MethodError(f"{name}: --te-weight must be >= 0 and --te-momentum in [0, 1), got "
-                              f"{h['te_weight']} and {h['te_momentum']}")
         if end > setup.epochs:
             method.notes.append(f"warning: TE's weight peaks at epoch {end} (--te-end) but the run has "
                                 f"{setup.epochs} epochs: it never reaches --te-weight {h['te_weight']:g}")
