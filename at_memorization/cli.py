@@ -345,7 +345,7 @@ def _settings_from_file(path, hyperparameters: dict) -> dict:
 
 # --------------------------------------------------------------------------- evaluate
 def _checkpoint_names(value: str | None) -> tuple[str, ...]:
-    from .report import CHECKPOINT_NAMES
+    from .runfolder import CHECKPOINT_NAMES
 
     if value is None:
         return CHECKPOINT_NAMES
@@ -357,116 +357,10 @@ def _checkpoint_names(value: str | None) -> tuple[str, ...]:
     return tuple(n for n in CHECKPOINT_NAMES if n in names)
 
 
-class _Evaluation:
-    """What `evaluate` shares between the checkpoints of one call: options, device, loaded test sets."""
-
-    def __init__(self, chosen, n_examples, dataset, data_dir, eps, norm, batch_size, device, seed):
-        self.chosen, self.n_examples, self.batch_size, self.seed = chosen, n_examples, batch_size, seed
-        self.dataset, self.data_dir, self.eps, self.norm, self.device = dataset, data_dir, eps, norm, device
-        self._splits = {}
-
-    def settings(self, state: dict) -> dict:
-        """The options, with the checkpoint's own values where none were given."""
-        from .checkpoint import run_setting
-
-        eps = run_setting(state, "eps") if self.eps is None else self.eps
-        if eps < 0:
-            raise click.ClickException(f"eps must be >= 0, got {eps}")
-        return {"dataset": self.dataset or state["dataset"],
-                "data_dir": self.data_dir or run_setting(state, "data_dir"),
-                "eps": eps, "norm": self.norm or run_setting(state, "norm")}
-
-    def test_split(self, dataset: str, data_dir: str):
-        from .data import load_split
-
-        key = (dataset, str(data_dir))
-        if key not in self._splits:
-            self._splits[key] = load_split(dataset, data_dir, train=False, size=self.n_examples)
-        return self._splits[key]
-
-    def run(self, state: dict, checkpoint) -> dict:
-        """Evaluate one loaded checkpoint; the record written by --output (and into RUN/eval/)."""
-        from .checkpoint import build_model_from_checkpoint
-        from .evaluation import evaluate
-        from .report import eval_record
-
-        s = self.settings(state)
-        dataset, data_dir = s["dataset"], s["data_dir"]
-        model = build_model_from_checkpoint(state, path=checkpoint)
-        test = self.test_split(dataset, data_dir)
-        if test.num_classes != state["num_classes"]:
-            raise click.ClickException(f"{dataset} has {test.num_classes} classes but the checkpoint's model has {state['num_classes']}")
-        expected_shape = (state.get("in_chans", test.shape[0]), state.get("img_size", test.shape[1]))
-        if (test.shape[0], test.shape[1]) != expected_shape:
-            raise click.ClickException(f"{dataset} images are {test.shape[0]}x{test.shape[1]}x{test.shape[2]} but the "
-                                       f"checkpoint's model was trained on {expected_shape[0]}-channel "
-                                       f"{expected_shape[1]}x{expected_shape[1]} images")
-
-        def progress(name):
-            click.echo(f"{name} on {len(test)} points ...", err=True)
-            return None
-
-        results = evaluate(model, test.images, test.labels, attacks=self.chosen, eps=s["eps"], norm=s["norm"],
-                           device=self.device, batch_size=self.batch_size, seed=self.seed, dataset=dataset,
-                           data_dir=data_dir, progress=progress)
-        info = {"epoch": state.get("epoch"), "dataset": dataset, "model": state["model_name"],
-                "method": state.get("method", {}).get("name")}
-        return eval_record(checkpoint, info, results, n_examples=len(test), eps=s["eps"], norm=s["norm"],
-                           seed=self.seed, device=str(self.device))
-
-
 def _echo_accuracies(record: dict, indent: str = "") -> None:
     for key, value in record.items():
         if key.endswith("_acc"):
             click.echo(f"{indent}{key}: {value:.4f}")
-
-
-def _same_weights(a: dict, b: dict) -> bool:
-    import torch
-
-    if a.get("epoch") != b.get("epoch") or a["model"].keys() != b["model"].keys():
-        return False
-    return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-
-def _evaluate_run_folder(run_dir: Path, names, evaluation: _Evaluation) -> None:
-    """Evaluate RUN/best.pt and/or RUN/last.pt into RUN/eval/<name>.json, merged with earlier results."""
-    from .checkpoint import load_checkpoint, write_text_atomic
-    from .report import ReportError, eval_path, merge_eval_records, read_json
-
-    if not (run_dir / "last.pt").is_file():
-        raise click.ClickException(f"{run_dir} is not a run folder (no last.pt): give a checkpoint file or an "
-                                   "`at-mem train --out` folder")
-    for name in names:
-        if not (run_dir / f"{name}.pt").is_file():
-            raise click.ClickException(f"{run_dir / f'{name}.pt'} not found (use --checkpoints to leave it out)")
-    previous = {}
-    for name in names:  # unreadable earlier results stop us before minutes of attacks
-        path = eval_path(run_dir, name)
-        try:
-            previous[name] = read_json(path) if path.exists() else None
-        except ReportError as error:
-            raise click.ClickException(f"{error}; fix or remove it")
-    states = {name: load_checkpoint(run_dir / f"{name}.pt") for name in names}
-    done: dict[str, dict] = {}
-    for name in names:
-        state = states[name]
-        twin = next((other for other in done if _same_weights(states[other], state)), None)
-        if twin is not None:
-            click.echo(f"{name}.pt is epoch {state.get('epoch')}, the same weights as {twin}.pt: evaluated once", err=True)
-            record = {**done[twin], "checkpoint": str(run_dir / f"{name}.pt")}
-        else:
-            click.echo(f"{name}.pt (epoch {state.get('epoch')}):", err=True)
-            record = evaluation.run(state, run_dir / f"{name}.pt")
-        done[name] = record
-        merged, replaced = merge_eval_records(previous[name], record, requested=evaluation.chosen)
-        path = eval_path(run_dir, name)
-        if replaced:
-            click.echo(f"{path}: {replaced}; overwriting it", err=True)
-        click.echo(f"{name} (epoch {record['epoch']}):")
-        _echo_accuracies(record, "  ")
-        write_text_atomic(json.dumps(merged, indent=2) + "\n", path)
-        click.echo(f"wrote {path}")
 
 
 @main.command("evaluate")
@@ -498,6 +392,8 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
     """
     from .checkpoint import load_checkpoint
     from .evaluation import ALL_ATTACKS, default_batch_size, write_model_card
+    from .run_evaluation import EvaluationOptions, evaluate_checkpoint, evaluate_run
+    from .runfolder import RunFolder
     from .runtime import resolve_device
     from .training import check_writable_folder
 
@@ -526,13 +422,17 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
         raise click.ClickException("--model-card needs --attack autoattack (or all)")
     state = load_checkpoint(checkpoint) if run_dir is None else None
     device = str(resolve_device(device))
-    evaluation = _Evaluation(chosen, n_examples, dataset, data_dir, eps, norm,
-                             batch_size or default_batch_size(device), device, seed)
+    options = EvaluationOptions(chosen, n_examples, dataset, data_dir, eps, norm,
+                                batch_size or default_batch_size(device), device, seed,
+                                log=lambda message: click.echo(message, err=True))
     if run_dir is not None:
-        _evaluate_run_folder(run_dir, names, evaluation)
+        for name, record in evaluate_run(run_dir, options, names).items():
+            click.echo(f"{name} (epoch {record['epoch']}):")
+            _echo_accuracies(record, "  ")
+            click.echo(f"wrote {RunFolder(run_dir).eval_path(name)}")
         return
 
-    record = evaluation.run(state, checkpoint)
+    record = evaluate_checkpoint(state, checkpoint, options)
     _echo_accuracies(record)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .methods import MethodError, UnknownMethodError
 from .models import UnknownModelError
+from .run_evaluation import RunEvaluationError
 from .runfolder import RunFolderError
 from .runlock import RunLockError
 from .settings import SettingError
@@ -25,7 +26,7 @@ class AnalysisError(ValueError):
 
 USER_ERRORS = (DataError, CheckpointError, MethodError, UnknownMethodError, UnknownModelError,
                RobustBenchUnavailable, FileNotFoundError, RunLockError, TrainingError, AnalysisError,
-               SettingError, RunFolderError)
+               SettingError, RunFolderError, RunEvaluationError)
 
 
 def one_line_errors(func):
