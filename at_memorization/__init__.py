@@ -1,7 +1,9 @@
 """at-memorization: adversarial training that memorizes (Dong et al., ICLR 2022).
 
-Importing the package registers our CIFAR/MNIST backbones in timm's registry. ``TELoss`` (the
-temporal-ensembling drop-in loss) comes from the bundled plugin and is imported on first use.
+Importing the package registers our CIFAR/MNIST backbones in timm's registry (the ``at-mem`` CLI
+starts without timm and torch and imports them where a command needs them). The drop-in
+temporal-ensembling API (``TELoss``, ``TEPGD``, ``WithIndex``, ``without_index``, ``te_penalty``;
+docs/drop_in.md) comes from the bundled plugin and is imported on first use.
 """
 
 __version__ = "0.1.0"
@@ -32,13 +34,23 @@ def _launched_as_cli() -> bool:
     return False
 
 
-if _launched_as_cli():
-    from . import _quiet  # noqa: F401  (before timm and torch are imported below)
+_AS_CLI = _launched_as_cli()
+if _AS_CLI:
+    from . import _quiet  # noqa: F401  (before timm and torch are imported, by us or anyone)
 
-from . import models  # noqa: F401  (registers the backbones in timm)
-from .models import build_model
+from ._compat import install_import_hooks
 
-__all__ = ["TELoss", "TEPGD", "build_model", "load_model", "__version__"]
+install_import_hooks()  # a plain `import robustbench` works from here on (docs/robustbench.md)
+del install_import_hooks
+
+if not _AS_CLI:  # the CLI starts without timm and torch: its commands import models when they need it
+    from . import models  # noqa: F401  (registers the backbones in timm)
+    from .models import build_model
+
+# The drop-in temporal-ensembling API (docs/drop_in.md), from the bundled plugin on first use.
+_TE_EXPORTS = ("TELoss", "TEPGD", "WithIndex", "te_penalty", "without_index")
+
+__all__ = [*_TE_EXPORTS, "build_model", "load_model", "robustbench_protocol", "__version__"]
 
 
 def load_model(checkpoint_path):
@@ -52,8 +64,16 @@ def load_model(checkpoint_path):
 
 
 def __getattr__(name):
-    if name in ("TELoss", "TEPGD"):
+    if name == "build_model":  # only under the CLI, which did not import models above
+        from .models import build_model
+
+        return build_model
+    if name in _TE_EXPORTS:
         from .plugins import temporal_ensembling
 
         return getattr(temporal_ensembling, name)
+    if name == "robustbench_protocol":
+        from .evaluation import robustbench_protocol
+
+        return robustbench_protocol
     raise AttributeError(f"module 'at_memorization' has no attribute {name!r}")

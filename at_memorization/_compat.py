@@ -11,7 +11,22 @@ Three things are broken in a plain ``pip install robustbench`` (see the project'
    when torchattacks is installed after it. We cannot repair files at run time, so we detect it
    (file hashes against robustbench's own RECORD) and raise one clear error that names the fix.
 
-Call :func:`import_robustbench` instead of ``import robustbench`` anywhere in the package.
+Inside the package, call :func:`import_robustbench` instead of ``import robustbench``. For users,
+``import at_memorization`` calls :func:`install_import_hooks`, after which a plain ``import robustbench``
+works too: two ``sys.meta_path`` finders, cheap to install (nothing is imported until robustbench or
+``autoattack`` is):
+
+* at the end of ``sys.meta_path``, the ``autoattack`` alias above. Being last, it is used only when
+  no real ``autoattack`` is installed (e.g. fra31's, from GitHub);
+* at the front, a check that runs when ``robustbench`` is first imported: files overwritten by
+  torchattacks, or ``pkg_resources`` missing, raise :class:`RobustBenchUnavailable` (one line,
+  naming the fix) instead of a confusing ImportError from inside robustbench. It never imports
+  robustbench itself, and does nothing when robustbench is not installed.
+
+A plain ``import robustbench`` *without* importing at_memorization first still fails with
+``No module named 'autoattack'`` (RobustBench issue #211): making it work would need code run at every
+interpreter start (a ``.pth`` hook) or a top-level ``autoattack`` package of ours, which would
+clash with fra31's ``autoattack`` distribution. See docs/robustbench.md.
 """
 
 from __future__ import annotations
@@ -19,7 +34,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.metadata
+import importlib.util
 import sys
 import types
 import warnings
@@ -30,8 +48,11 @@ ROBUSTBENCH_FIX = "pip install --force-reinstall --no-deps robustbench==1.1.1"
 _CHECKED_FILES = ("robustbench/eval.py", "robustbench/utils.py")
 
 
-class RobustBenchUnavailable(RuntimeError):
-    """RobustBench cannot be used as installed; the message says how to fix it."""
+class RobustBenchUnavailable(RuntimeError, ImportError):
+    """RobustBench cannot be used as installed; the message says how to fix it (one line).
+
+    Also an ImportError, because ``import robustbench`` raises it (after ``import at_memorization``).
+    """
 
 
 class LegacyAutoAttack:
@@ -57,9 +78,8 @@ class LegacyAutoAttack:
         return (x_adv, y_adv) if return_labels else x_adv
 
 
-def _install_autoattack_alias() -> None:
-    if "autoattack" in sys.modules and getattr(sys.modules["autoattack"], "_at_mem_alias", False):
-        return
+def _build_autoattack_alias() -> types.ModuleType:
+    """The ``autoattack`` module: pyautoattack's names, with ``AutoAttack`` the old-API adapter."""
     try:
         import pyautoattack
         import pyautoattack.state
@@ -67,14 +87,79 @@ def _install_autoattack_alias() -> None:
         raise RobustBenchUnavailable(
             f"pyautoattack is not installed ({error}); run: pip install 'pyautoattack>=0.2.0'"
         ) from error
-    alias = types.ModuleType("autoattack")
+    alias = types.ModuleType("autoattack", "pyautoattack under the name robustbench imports (at_memorization).")
     alias.__dict__.update({k: v for k, v in vars(pyautoattack).items() if not k.startswith("__")})
     alias.AutoAttack = LegacyAutoAttack
     alias.state = pyautoattack.state
     alias._at_mem_alias = True
     alias.__path__ = []  # a package, so that ``import autoattack.state`` resolves via sys.modules
-    sys.modules["autoattack"] = alias
-    sys.modules["autoattack.state"] = pyautoattack.state
+    # pyautoattack's submodules under both names (robustbench imports ``autoattack.state``).
+    for name, module in list(sys.modules.items()):
+        if name.startswith("pyautoattack.") and module is not None:
+            sys.modules.setdefault("autoattack" + name[len("pyautoattack"):], module)
+    return alias
+
+
+def _install_autoattack_alias() -> None:
+    """Make ``autoattack`` importable: a real installed one if there is one, else our alias."""
+    if "autoattack" in sys.modules:
+        return
+    install_import_hooks()
+    try:
+        importlib.import_module("autoattack")  # a real one first; the alias finder is last in line
+    except ModuleNotFoundError as error:
+        if error.name not in ("autoattack", "pyautoattack"):
+            raise
+        raise RobustBenchUnavailable(
+            "pyautoattack is not installed; run: pip install 'pyautoattack>=0.2.0'"
+        ) from error
+
+
+class _AliasLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return _build_autoattack_alias()
+
+    def exec_module(self, module):
+        pass
+
+
+class _AutoAttackAliasFinder(importlib.abc.MetaPathFinder):
+    """Last on ``sys.meta_path``: ``autoattack`` is our alias only when nothing else provides it."""
+
+    _at_mem_hook = "autoattack-alias"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "autoattack" or importlib.util.find_spec("pyautoattack") is None:
+            return None  # without pyautoattack: the usual ModuleNotFoundError
+        return importlib.machinery.ModuleSpec("autoattack", _AliasLoader(), is_package=True)
+
+
+class _RobustBenchPreflight(importlib.abc.MetaPathFinder):
+    """First on ``sys.meta_path``: check the installation when ``robustbench`` is first imported."""
+
+    _at_mem_hook = "robustbench-preflight"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "robustbench":
+            try:
+                importlib.metadata.distribution("robustbench")
+            except importlib.metadata.PackageNotFoundError:
+                return None  # not installed (or not as a distribution): Python's own error applies
+            check_robustbench_files()
+            _import_pkg_resources()
+        return None  # the normal finders import it
+
+
+def install_import_hooks() -> None:
+    """Let a plain ``import robustbench`` work (idempotent; run by ``import at_memorization``).
+
+    Adds the two ``sys.meta_path`` finders described in the module docstring; imports nothing.
+    """
+    hooks = {getattr(finder, "_at_mem_hook", None) for finder in sys.meta_path}
+    if _RobustBenchPreflight._at_mem_hook not in hooks:
+        sys.meta_path.insert(0, _RobustBenchPreflight())
+    if _AutoAttackAliasFinder._at_mem_hook not in hooks:
+        sys.meta_path.append(_AutoAttackAliasFinder())
 
 
 def _record_hashes(dist: importlib.metadata.Distribution) -> dict[str, str]:
@@ -107,10 +192,7 @@ def check_robustbench_files() -> None:
             )
 
 
-def import_robustbench(submodule: str = "") -> types.ModuleType:
-    """Import ``robustbench`` (or ``robustbench.<submodule>``) after applying the fixes above."""
-    _install_autoattack_alias()
-    check_robustbench_files()
+def _import_pkg_resources() -> None:
     try:
         with warnings.catch_warnings():  # its deprecation warning is robustbench's business
             warnings.simplefilter("ignore")
@@ -120,5 +202,12 @@ def import_robustbench(submodule: str = "") -> types.ModuleType:
             "robustbench needs pkg_resources, which setuptools>=82 removed; run: "
             "pip install 'setuptools<82'"
         ) from error
+
+
+def import_robustbench(submodule: str = "") -> types.ModuleType:
+    """Import ``robustbench`` (or ``robustbench.<submodule>``) after applying the fixes above."""
+    _install_autoattack_alias()
+    check_robustbench_files()
+    _import_pkg_resources()
     name = f"robustbench.{submodule}" if submodule else "robustbench"
     return importlib.import_module(name)

@@ -4,11 +4,18 @@
 loss at every step (temporal ensembling uses this). Without a penalty they compute exactly what
 torchattacks' ``PGD`` / ``TPGD`` compute. Inputs and outputs are images in [0, 1]; normalization, if
 any, lives inside the model (RobustBench's convention), so never call ``set_normalization_used``.
+
+Every attack here computes input gradients only: while it runs, the model's parameters do not
+require grad (``input_gradients_only``; their flags are restored afterwards, also on error). Eager
+``autograd.grad`` with respect to the input skips weight gradients anyway, but a compiled model
+(``torch.compile``: AOTAutograd compiles one backward for every input that requires grad) would
+compute them at every attack step and throw them away.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +24,37 @@ import torchattacks
 Penalty = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
-class PenalizedPGD(torchattacks.PGD):
+@contextlib.contextmanager
+def input_gradients_only(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, none of ``model``'s parameters requires grad; afterwards (also on error) those that did
+    require it again. Nested uses are safe (the inner one finds nothing to freeze).
+
+    An attack needs the gradient with respect to its input only. Eager autograd already skips the
+    weight gradients there, so this changes no eager result; but a model compiled with
+    ``torch.compile`` differentiates every graph input that requires grad, so without this its attack
+    steps compute (and discard) every weight gradient. Frozen parameters also give the attack its
+    own compiled graph, with input gradients only. Pass the bare module (not a DDP wrapper), as the
+    trainer does; the parameters are the same objects.
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+class _InputGradientsOnly:
+    """Runs a torchattacks attack (its ``__call__``) under ``input_gradients_only(self.model)``."""
+
+    def __call__(self, *args, **kwargs):
+        with input_gradients_only(self.model):
+            return super().__call__(*args, **kwargs)
+
+
+class PenalizedPGD(_InputGradientsOnly, torchattacks.PGD):
     """Madry et al.'s PGD (Linf or L2) maximizing ``loss_fn(logits, labels) + penalty(logits)``."""
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, norm="Linf"):
@@ -90,7 +127,7 @@ class CWLinf(PenalizedPGD):
         return (-margins(logits.float(), labels)).clamp(max=self.kappa).mean()
 
 
-class PenalizedTPGD(torchattacks.TPGD):
+class PenalizedTPGD(_InputGradientsOnly, torchattacks.TPGD):
     """TRADES' attack: maximize ``(beta/B) * KL_sum(adv || clean) + penalty(adv logits)``.
 
     ``beta`` only rescales the KL term, which matters when a penalty is added (TRADES+TE).

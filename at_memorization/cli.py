@@ -2,11 +2,19 @@
 
 User mistakes (unknown names, bad values, missing data, foreign checkpoints) end with one line
 ``Error: ...`` and exit status 1 (2 for malformed options, as click does), never a traceback.
+
+Starting is fast: this module imports no torch, timm or torchattacks (nor does the package
+``__init__`` when launched as ``at-mem``), so ``at-mem --help``, ``methods``, ``models`` and a
+mistyped option answer at once. Each command imports what it needs when it runs; the analysis
+commands are imported only when one of them is called (``LAZY_COMMANDS``); ``at-mem train``'s
+options for the methods' settings come from the method catalog (method_catalog.py, cached), not
+from the method classes. tests/test_cli_startup.py checks that torch stays out of these paths.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -16,48 +24,98 @@ import click
 
 from . import _quiet  # noqa: F401  (first: keeps third-party deprecation warnings out of CLI output)
 from . import __version__
-from .checkpoint import write_text_atomic
-from .data import DATASETS
-from .methods import MethodError, TrainingSetup, discover
-from .methods.registry import all_hyperparameters
-from .models import model_names
 from .settings import RUN_SETTINGS, SETTINGS_BY_NAME, RunConfig, Setting, SettingError, parse_overrides, read_settings
-from .training import resolved_method_settings
-from .user_errors import USER_ERRORS, one_line_errors as _user_errors  # noqa: F401  (USER_ERRORS: API)
+from .user_errors import one_line_errors as _user_errors
+
+_ANALYSIS = "at_memorization.analysis.commands"
+# Commands imported only when called: name -> ("module:attribute", the first paragraph of its help,
+# which `at-mem --help` shortens as click does; tests/test_cli_startup.py checks both).
+LAZY_COMMANDS = {
+    "gradient-stability": (f"{_ANALYSIS}:gradient_stability_command",
+                           "||grad L(theta+delta) - grad L(theta)|| / ||delta|| for the PGD-AT, TRADES and clean "
+                           "losses."),
+    "measures": (f"{_ANALYSIS}:measures_command",
+                 "Complexity measures of one or more checkpoints; with several, their Kendall tau with the robust "
+                 "gap."),
+    "memorization": (f"{_ANALYSIS}:memorization_command",
+                     "Which training samples' adversarial examples are fitted late, and robust overfitting."),
+    "plot": (f"{_ANALYSIS}:plot_command",
+             "Training curves of one or more runs side by side (accuracies, robust gap, grad norm, TE weight)."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A group that knows some commands by name, import path and help only (``lazy``), and imports
+    such a command when it is called or its own help is asked for, not to list it in the group's help."""
+
+    def __init__(self, *args, lazy: dict[str, tuple[str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx, name):
+        if name in self.lazy and name not in self.commands:
+            module, _, attribute = self.lazy[name][0].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        commands = [(name, self.commands.get(name) or click.Command(name, help=self.lazy[name][1]))
+                    for name in self.list_commands(ctx)]
+        commands = [(name, command) for name, command in commands if not command.hidden]
+        if commands:
+            limit = formatter.width - 6 - max(len(name) for name, _ in commands)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, command.get_short_help_str(limit)) for name, command in commands])
+
+
+@click.group(cls=LazyGroup, lazy=LAZY_COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="at-mem")
 def main():
     """Adversarial training that memorizes: PGD-AT, TRADES, temporal ensembling, evaluation."""
 
 
-# --------------------------------------------------------------------------- methods
+def __getattr__(name):
+    if name == "USER_ERRORS":  # API (the errors printed as one line); imports the modules raising them
+        from .user_errors import user_errors
+
+        return user_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def resolved_method_settings(config) -> dict:
+    """The method's resolved settings of a config (--print-config; imports training, and torch)."""
+    from .training import resolved_method_settings as resolve
+
+    return resolve(config)
+
+
+# --------------------------------------------------------------------------- methods, models
 @main.command("methods")
 def methods_command():
     """List the installed training methods, where each comes from, and each one's settings with
     their defaults for the paper's 200 epochs (some, such as TE's schedule, scale with --epochs)."""
-    paper_setup = TrainingSetup(num_samples=1, num_classes=10, epochs=200)
-    for entry in discover().values():
-        try:
-            cls = entry.load()
-            description = cls.description
-            try:
-                defaults = cls(paper_setup).settings
-            except MethodError:  # e.g. a method for another threat model: its declared defaults
-                defaults = {h.name: "derived" if h.default is None else h.default for h in cls.hyperparameters}
-            options = " ".join(f"{h.flag} {defaults.get(h.name)!s}" for h in cls.hyperparameters)
-        except Exception as error:  # a broken plugin is reported, not fatal
-            description, options = f"(fails to load: {type(error).__name__}: {error})", ""
-        click.echo(f"{entry.name:12s} {entry.distribution} ({entry.module})")
-        click.echo(f"{'':12s} {description}" + (f"  [{options}]" if options else ""))
+    from .method_catalog import method_catalog
+
+    for method in method_catalog():
+        description = f"(fails to load: {method.error})" if method.error else method.description
+        click.echo(f"{method.name:12s} {method.distribution} ({method.module})")
+        click.echo(f"{'':12s} {description}" + (f"  [{method.options}]" if method.options else ""))
 
 
 @main.command("models")
 def models_command():
-    """List our registered backbones (any timm model name also works)."""
-    for name in model_names():
-        click.echo(name)
+    """List our backbones, their parameter counts and descriptions (any timm model name also works)."""
+    from .model_catalog import COUNTED_FOR_TEXT, MODELS
+
+    width = max(len(name) for name in MODELS)
+    click.echo(f"{'model':{width}s}  {'parameters':>10s}  description")
+    for name in sorted(MODELS):
+        click.echo(f"{name:{width}s}  {MODELS[name].parameters:>10,d}  {MODELS[name].description}")
+    click.echo(f"(parameters for {COUNTED_FOR_TEXT}; any other timm model name works too, e.g. --model resnet50)")
 
 
 # --------------------------------------------------------------------------- train
@@ -78,27 +136,50 @@ class SettingType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
-def _setting_option(setting: Setting, owners: list[str] | None = None):
+def _setting_option(setting: Setting, owners: list[str] | None = None) -> click.Option:
     """The ``at-mem train`` option of one declared setting (its default shown, never restated)."""
     where = f"{', '.join(owners)}; " if owners else ""
     help_text = f"{setting.help} [{where}default: {setting.default_text()}]"
     if setting.type is bool:
         flags = f"{setting.flag}/--no-{setting.flag[2:]}" if setting.switch else setting.flag
-        return click.option(flags, setting.name, is_flag=True, default=None, help=help_text)
+        return click.Option([flags, setting.name], is_flag=True, default=None, help=help_text)
     kind = click.Choice(setting.choices) if setting.choices else SettingType(setting)
-    return click.option(setting.flag, setting.name, type=kind, default=None, help=help_text)
+    return click.Option([setting.flag, setting.name], type=kind, default=None, help=help_text)
 
 
-def _setting_options(func):
-    """One option per run setting (RUN_SETTINGS) and per installed method's setting (plugins included)."""
-    for name, (hp, owners) in sorted(all_hyperparameters().items(), reverse=True):
-        func = _setting_option(hp, owners)(func)
-    for setting in reversed(RUN_SETTINGS):
-        func = _setting_option(setting)(func)
-    return func
+def _setting_options() -> list[click.Option]:
+    """One option per run setting (RUN_SETTINGS), then one per installed method's setting (plugins
+    included, from the method catalog: no method class is imported)."""
+    from .method_catalog import hyperparameter_owners
+
+    return ([_setting_option(setting) for setting in RUN_SETTINGS]
+            + [_setting_option(hp, owners) for _, (hp, owners) in sorted(hyperparameter_owners().items())])
+
+
+class SettingsCommand(click.Command):
+    """A command whose first options are ``_setting_options()``, made when first needed (to parse its
+    arguments or show its help), so that ``at-mem --help`` reads no method catalog."""
+
+    def __init__(self, *args, **kwargs):
+        self._settings_added = True
+        super().__init__(*args, **kwargs)
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if not self._settings_added:
+            self._params[:0] = _setting_options()
+            self._settings_added = True
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params, self._settings_added = value, False
 
 
 class _ProgressCallbacks:
+    """Training progress: steps done, rate and ETA (in place on a terminal, a line every 30 s in a
+    log file), then one line per epoch."""
+
     def __init__(self, quiet: bool):
         # Under torchrun only rank 0 talks; the others would repeat every line.
         self.silent = os.environ.get("RANK", "0") != "0"
@@ -111,16 +192,17 @@ class _ProgressCallbacks:
 
     def epoch_begin(self, epoch: int, batches: int) -> None:
         if not self.quiet:
-            self.bar = click.progressbar(length=batches, label=f"epoch {epoch}", file=sys.stderr)
-            self.bar.__enter__()
+            from .progress import Progress
+
+            self.bar = Progress(f"epoch {epoch}", batches, unit="steps")
 
     def step(self) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.advance()
 
     def close_bar(self) -> None:
         if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+            self.bar.close()
             self.bar = None
 
     def epoch_end(self, record: dict) -> None:
@@ -134,8 +216,7 @@ class _ProgressCallbacks:
                    f"({record['train_seconds']:.1f}s){extra}")
 
 
-@main.command("train")
-@_setting_options
+@main.command("train", cls=SettingsCommand)  # the run's and the methods' settings first (SettingsCommand)
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available].")
 @click.option("--out", "out_dir", default=None, help="Run directory [default: runs/<method>-<dataset>-<model>-s<seed>].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
@@ -153,18 +234,22 @@ class _ProgressCallbacks:
               help="With --resume: continue although the training data differ from the run's (recorded).")
 @click.option("--checkpoint-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also write last.pt every N steps within an epoch (0: at the end of each epoch only).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--logger", "loggers", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
+              help="Also log to TensorBoard (RUN/tensorboard/) or Weights & Biases (repeatable; pip install "
+                   "\".[tensorboard]\" or \".[wandb]\"); metrics.jsonl stays the record, a logger failure is a warning.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
 @_user_errors
 def train_command(out_dir, config_file, print_config, resume, overrides, allow_data_change,
-                  checkpoint_every_steps, device, quiet, **options):
+                  checkpoint_every_steps, device, quiet, loggers, **options):
     """Adversarially train a model (PGD-AT, TRADES, TE, ... see `at-mem methods`).
 
     SIGTERM or Ctrl-C stops at the next step with a checkpoint; the same command with --resume
     continues exactly (exit status 128 + the signal's number).
     """
-    from .training import Trainer, TrainingError, TrainingInterrupted, resume_config
+    from .method_catalog import hyperparameter_owners  # the declarations, without importing the classes
 
-    hyperparameters = {name: hp for name, (hp, _) in all_hyperparameters().items()}
+    owners = hyperparameter_owners()
+    hyperparameters = {name: hp for name, (hp, _) in owners.items()}
     given, given_method = {}, {}
     if config_file:
         values = _settings_from_file(config_file, hyperparameters)
@@ -175,6 +260,12 @@ def train_command(out_dir, config_file, print_config, resume, overrides, allow_d
     for name, value in options.items():  # the command line wins over the file
         if value is not None and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
             (given_method if name in hyperparameters and name not in SETTINGS_BY_NAME else given)[name] = value
+    if out_dir is not None and not print_config:
+        from .runfolder import RunFolder
+
+        RunFolder(out_dir).check_free()  # a folder another process writes: say so before importing torch
+    from .training import Trainer, TrainingError, TrainingInterrupted, resume_config
+
     if resume:
         if out_dir is None:
             raise click.ClickException("--resume needs --out RUN (the run folder to continue)")
@@ -196,9 +287,9 @@ def train_command(out_dir, config_file, print_config, resume, overrides, allow_d
         accepted = {h.name for h in method_cls.hyperparameters}
         for name in given_method:
             if name not in accepted:
-                owners = all_hyperparameters()[name][1]
+                owner_names = owners[name][1]
                 raise TrainingError(f"--{name.replace('_', '-')} does not apply to method {method_cls.name} "
-                                    f"(it is for {', '.join(owners)})")
+                                    f"(it is for {', '.join(owner_names)})")
         config = RunConfig(**given, method_args=given_method)
         config.validate()
         override_values = {}
@@ -213,7 +304,7 @@ def train_command(out_dir, config_file, print_config, resume, overrides, allow_d
     with _stop_on_signals() as stop:
         trainer = Trainer(config, out_dir, device=device, resume=resume, callbacks=callbacks,
                           overrides=override_values, allow_data_change=allow_data_change,
-                          checkpoint_every_steps=checkpoint_every_steps)
+                          checkpoint_every_steps=checkpoint_every_steps, loggers=loggers)
         if trainer.start_epoch > resolved.epochs:
             trainer.shutdown()
             click.echo(f"{out_dir} already finished all {resolved.epochs} epochs; nothing was trained or recorded "
@@ -370,7 +461,8 @@ def _echo_accuracies(record: dict, indent: str = "") -> None:
 @click.option("--n-examples", type=int, default=10000, show_default=True, help="The first N test points (RobustBench: 10000).")
 @click.option("--checkpoints", "checkpoint_names", default=None, metavar="best,last",
               help="With a run folder: which of its checkpoints [default: best,last].")
-@click.option("--dataset", type=click.Choice(list(DATASETS)), default=None, help="[default: the checkpoint's]")
+@click.option("--dataset", type=click.Choice(SETTINGS_BY_NAME["dataset"].choices), default=None,
+              help="[default: the checkpoint's]")
 @click.option("--data-dir", default=None, help="[default: the checkpoint's]")
 @click.option("--eps", type=SettingType(SETTINGS_BY_NAME["eps"]), default=None, help="[default: the checkpoint's training eps]")
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default=None, help="[default: the checkpoint's]")
@@ -390,7 +482,7 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
     last.pt are evaluated into RUN/eval/best.json and RUN/eval/last.json, merged with the results of
     earlier calls for the same checkpoint (each accuracy keeps its n_examples in n_examples_by_attack).
     """
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, write_text_atomic
     from .evaluation import ALL_ATTACKS, default_batch_size, write_model_card
     from .run_evaluation import EvaluationOptions, evaluate_checkpoint, evaluate_run
     from .runfolder import RunFolder
@@ -424,7 +516,7 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
     device = str(resolve_device(device))
     options = EvaluationOptions(chosen, n_examples, dataset, data_dir, eps, norm,
                                 batch_size or default_batch_size(device), device, seed,
-                                log=lambda message: click.echo(message, err=True))
+                                log=lambda message: click.echo(message, err=True), show_progress=True)
     if run_dir is not None:
         for name, record in evaluate_run(run_dir, options, names).items():
             click.echo(f"{name} (epoch {record['epoch']}):")
@@ -480,10 +572,6 @@ def report_command(runs, fmt, paired, output):
         raise click.ClickException(f"cannot write {output}: {reason}")
     click.echo(f"wrote {output}")
 
-
-from .analysis.commands import register as _register_analysis  # noqa: E402  (needs `main` above)
-
-_register_analysis(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -235,6 +235,8 @@ def _entrypoint(builder):
     return create
 
 
+# Each is described, with its parameter count, in model_catalog.py, which `at-mem models` prints
+# without importing torch (tests/test_models.py checks that the two agree).
 OUR_MODELS = {
     "preactresnet18": lambda **kw: PreActResNet((2, 2, 2, 2), **kw),
     # A quarter-width PreActResNet-18 (16 base channels, ~0.7M parameters) for CPU-scale studies.

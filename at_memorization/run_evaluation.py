@@ -17,6 +17,7 @@ import torch
 from .checkpoint import build_model_from_checkpoint, load_checkpoint, run_setting, write_text_atomic
 from .data import load_split
 from . import evaluation
+from .progress import Progress
 from .report import ReportError, eval_record, merge_eval_records, read_json
 from .runfolder import CHECKPOINT_NAMES, RunFolder
 
@@ -39,6 +40,7 @@ class EvaluationOptions:
     device: str = "cpu"
     seed: int = 0
     log: Callable[[str], None] = lambda message: None
+    show_progress: bool = False  # progress lines on stderr: points done, rate, ETA (AutoAttack: per attack)
     _splits: dict = field(default_factory=dict, repr=False)  # test sets loaded once per call
 
     def settings(self, state: dict) -> dict:
@@ -72,12 +74,28 @@ def evaluate_checkpoint(state: dict, checkpoint: str | Path, options: Evaluation
                                  f"checkpoint's model was trained on {expected_shape[0]}-channel "
                                  f"{expected_shape[1]}x{expected_shape[1]} images")
 
-    def progress(name):
-        options.log(f"{name} on {len(test)} points ...")
+    bars: list[Progress] = []
 
-    results = evaluation.evaluate(model, test.images, test.labels, attacks=options.attacks, eps=s["eps"], norm=s["norm"],
-                       device=options.device, batch_size=options.batch_size, seed=options.seed, dataset=dataset,
-                       data_dir=data_dir, progress=progress)
+    def progress(name):
+        for bar in bars:
+            bar.close()
+        bars.clear()
+        options.log(f"{name} on {len(test)} points ...")
+        if not options.show_progress:
+            return None
+        if name == "autoattack":  # pyautoattack reports per attack (and per batch in the note)
+            bars.append(Progress(name, len(evaluation.AUTOATTACK_STANDARD), unit="attacks"))
+        else:
+            bars.append(Progress(name, len(test), unit="points"))
+        return bars[0]
+
+    try:
+        results = evaluation.evaluate(model, test.images, test.labels, attacks=options.attacks, eps=s["eps"],
+                                      norm=s["norm"], device=options.device, batch_size=options.batch_size,
+                                      seed=options.seed, dataset=dataset, data_dir=data_dir, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     info = {"epoch": state.get("epoch"), "dataset": dataset, "model": state["model_name"],
             "method": state.get("method", {}).get("name")}
     return eval_record(checkpoint, info, results, n_examples=len(test), eps=s["eps"], norm=s["norm"],

@@ -160,6 +160,17 @@ class Setting:
                 list: "a list of epochs like 100,150"}[self.type]
 
 
+@dataclass(frozen=True)
+class Hyperparameter(Setting):
+    """A method's own setting, exposed as ``--<name with dashes>`` by the CLI: a run Setting (type,
+    default, help, bounds such as ``minimum=0``), which a resume may change by default.
+
+    Declared here, beside Setting and free of torch, so that ``at-mem`` can rebuild the declarations
+    from its method catalog (method_catalog.py); methods import it from ``at_memorization.methods``."""
+
+    overridable: bool = True
+
+
 # --------------------------------------------------------------------------- derivations
 def _from_preset(name: str, otherwise):
     def derive(values: dict):

@@ -16,8 +16,16 @@ on the device; the paper's DataLoader cost is not part of the reference) and run
 (the median is reported too). Output: a table on stdout and JSON with
 images/s, ratios, TE overhead, peak memory, device and versions, and every raw timing.
 
-``--epoch-estimate`` adds seconds per CIFAR-10 epoch (50,000 images) of PGD-AT and the model-FLOP
+``--epoch-estimate`` adds seconds of training steps per CIFAR-10 epoch (50,000 images, extrapolated
+from full batches: no partial batch, no evaluation, no checkpoint) of PGD-AT and the model-FLOP
 utilisation for PreActResNet-18 and WRN-34-10 at batch 128 and 512 (meant for a GPU).
+
+``--full-epoch`` adds whole epochs as a user experiences them: ``Trainer.fit`` over ``--epochs``
+epochs of ``--train-size`` images (the last batch smaller), with the per-epoch evaluation
+(``--test-size`` points, ``--eval-train-size`` training points, PGD-``--eval-steps``) and the
+checkpoint writes; each epoch split into training, test evaluation, training-set evaluation and
+the rest (``--skip-compare`` runs this alone). Peak memory is the most allocated in any timed pass,
+the warm-up reported apart; docs/benchmarks.md ("How each figure is defined") gives every definition.
 
     python benchmarks/bench_train.py --device cpu --dataset mnist --data-dir ../shared/data/mnist \\
         --model smallcnn --batch-size 32 --iters 4 --output benchmarks/results/cpu.json
@@ -228,24 +236,29 @@ def time_method(method, model_name, bundle, args, out_root, with_reference=True)
         sync(device)
         return time.perf_counter() - start
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup):
-        run_package()
-        if ref:
-            run_reference()
-    timings = {"package": [], "reference": []}
-    peak = {}
-    for _ in range(args.repeats):  # alternate, so drifting load on a shared machine hits both alike
-        timings["package"].append(run_package())
+    # Peak memory, one definition: the most allocated during any timed pass of a side, each pass
+    # measured from a reset just before it. The warm-up (compilation, CUDA-graph recording, cuDNN
+    # autotuning) is reported apart, as peak_memory_bytes_warmup: mixing the two gave 0.36 GB and
+    # 3.98 GB for the same CUDA-graph path in two calls (docs/benchmarks.md).
+    peak, peak_warmup = {}, {}
+
+    def measured(side, run, into):
         if device.type == "cuda":
-            peak["package"] = torch.cuda.max_memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+        seconds = run()
+        if device.type == "cuda":
+            into[side] = max(into.get(side, 0), torch.cuda.max_memory_allocated(device))
+        return seconds
+
+    for _ in range(args.warmup):
+        measured("package", run_package, peak_warmup)
         if ref:
-            timings["reference"].append(run_reference())
-            if device.type == "cuda":
-                peak["reference"] = torch.cuda.max_memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
+            measured("reference", run_reference, peak_warmup)
+    timings = {"package": [], "reference": []}
+    for _ in range(args.repeats):  # alternate, so drifting load on a shared machine hits both alike
+        timings["package"].append(measured("package", run_package, peak))
+        if ref:
+            timings["reference"].append(measured("reference", run_reference, peak))
     result = {"images_per_timing": n, "steps_per_timing": len(batches), "seconds": timings}
     for side, values in timings.items():
         if values:  # the fastest pass: on a shared machine, load only ever slows a pass down
@@ -258,7 +271,12 @@ def time_method(method, model_name, bundle, args, out_root, with_reference=True)
         result["speedup_vs_reference_median"] = (result["package_images_per_s_median"]
                                                  / result["reference_images_per_s_median"])
     if peak:
-        result["peak_memory_bytes"] = peak
+        result["peak_memory_bytes"] = peak  # the most allocated in any timed pass (see above)
+    if peak_warmup:
+        result["peak_memory_bytes_warmup"] = peak_warmup
+    result["timed"] = ("package and reference passes alternated" if ref else "package alone") + (
+        "; images/s from the fastest pass (_median: the median of the same passes); training steps only, "
+        "full batches, no evaluation or checkpoint (--full-epoch measures those)")
     trainer.close()  # releases the run folder's lock
     del trainer, ref
     return result
@@ -289,6 +307,9 @@ def epoch_estimate(args, out_root, peak) -> list[dict]:
             ips = timing["package_images_per_s"]
             rows.append({"model": model_name, "batch_size": batch, "data": source, "images_per_s": ips,
                          "seconds_per_cifar10_epoch": CIFAR10_TRAIN / ips,
+                         "what": "training steps only, extrapolated to 50,000 images: full batches, no partial "
+                                 "last batch, no evaluation, no checkpoint (the fastest pass, package alone); "
+                                 "--full-epoch measures a whole epoch",
                          "forward_gflop_per_image": flops / 1e9,
                          "forward_equivalents_per_image_step": 2 * args.steps + 3,
                          "achieved_tflop_per_s": ips * per_image_step / 1e12,
@@ -299,6 +320,112 @@ def epoch_estimate(args, out_root, peak) -> list[dict]:
                   f"{CIFAR10_TRAIN / ips:.1f} s/epoch" + (f", MFU {rows[-1]['mfu_vs_bf16_peak']:.1%}" if peak else ""),
                   flush=True)
     return rows
+
+
+# --------------------------------------------------------------------------- a whole epoch, as a user runs it
+class TimedTrainer(Trainer):
+    """The package's Trainer, timing where each epoch of ``fit()`` goes (nothing else changes)."""
+
+    def __init__(self, *args, **kwargs):
+        self.epoch_times: list[dict] = []
+        self._current: dict = {}
+        super().__init__(*args, **kwargs)
+
+    def _sync(self) -> None:
+        sync(self.ctx.device)
+
+    def train_epoch(self, epoch):
+        self._sync()
+        start = time.perf_counter()
+        self._current = {"epoch": epoch, "_start": start}
+        record = super().train_epoch(epoch)
+        self._sync()
+        self._current["train"] = time.perf_counter() - start
+        return record
+
+    def evaluate_split(self, prefix, record):
+        start = time.perf_counter()
+        super().evaluate_split(prefix, record)  # ends with .cpu(): synchronized
+        self._current[f"eval_{prefix}"] = time.perf_counter() - start
+
+    def _save_last(self, state, what):
+        start = time.perf_counter()
+        super()._save_last(state, what)
+        self._current["write_last_checkpoint"] = self._current.get("write_last_checkpoint", 0.0) + (
+            time.perf_counter() - start)
+
+    def epoch_finished(self, record) -> None:  # the epoch_end callback: after metrics and checkpoints
+        current = self._current
+        current["epoch_total"] = time.perf_counter() - current.pop("_start")
+        current["eval_test"] = current.get("eval_test", 0.0)
+        current["eval_train"] = current.get("eval_train", 0.0)
+        current["checkpoint_and_bookkeeping"] = (current["epoch_total"] - current["train"] - current["eval_test"]
+                                                 - current["eval_train"])
+        current["train_seconds_recorded"] = record["train_seconds"]
+        self.epoch_times.append(current)
+
+
+def full_epochs(method: str, args, out_root) -> dict:
+    """``--epochs`` epochs of ``Trainer.fit`` on ``--train-size`` real images (the last batch smaller
+    when the size is not a multiple of the batch), with the per-epoch evaluation (``--test-size``
+    points, ``--eval-train-size`` training points, PGD-``--eval-steps``) and checkpoints, as
+    ``at-mem train`` runs it. Reported per epoch: training, test evaluation, training-set
+    evaluation, the last.pt write, the rest (checkpoint state, best.pt, metrics) and the total."""
+    from at_memorization.training import Callbacks
+
+    started = time.perf_counter()
+    if args.random_data:
+        n = args.train_size
+        bundle, _ = make_data(args, n + args.test_size)
+        images, labels = bundle.train.images, bundle.train.labels
+        bundle = DataBundle(IndexedDataset(images[:n], labels[:n], 10),
+                            IndexedDataset(images[n:], labels[n:], 10), bundle.info, labels[:n].clone())
+        source = "random-uint8"
+    else:
+        bundle = load_data(args.dataset, args.data_dir, train_size=args.train_size, test_size=args.test_size)
+        source = f"real:{args.dataset}"
+    method_args = {"te_start": 1, "te_end": 2} if method.endswith("-te") else {}
+    config = RunConfig(method=method, dataset=bundle.info.name, model=args.model, epochs=args.epochs,
+                       batch_size=args.batch_size, lr=0.01, milestones=[10_000], eps=args.eps,
+                       step_size=args.step_size, steps=args.steps, eval_steps=args.eval_steps,
+                       eval_train_size=args.eval_train_size, seed=0, bf16=args.bf16,
+                       channels_last=args.channels_last, compile=args.compile, method_args=method_args)
+    holder = {}
+    trainer = TimedTrainer(config, Path(tempfile.mkdtemp(dir=out_root)) / f"full-{method}",
+                           device=str(args.device), data=bundle,
+                           callbacks=Callbacks(epoch_end=lambda record: holder["trainer"].epoch_finished(record)))
+    holder["trainer"] = trainer
+    startup = time.perf_counter() - started
+    fit_start = time.perf_counter()
+    history = trainer.fit()
+    fit_seconds = time.perf_counter() - fit_start
+    n_train, n_test = len(bundle.train), len(bundle.test)
+    epochs = []
+    for times, record in zip(trainer.epoch_times, history):
+        row = {k: v for k, v in times.items()}
+        row["images_per_s_full_epoch"] = n_train / times["epoch_total"]
+        row["images_per_s_training_only"] = n_train / times["train"]
+        row["test_robust_acc"] = record.get("test_robust_acc")
+        epochs.append(row)
+    last = epochs[-1]
+    result = {"method": method, "data": source, "train_size": n_train, "test_size": n_test,
+              "eval_train_size": min(args.eval_train_size, n_train), "eval_steps": args.eval_steps,
+              "batch_size": args.batch_size, "full_batches": n_train // args.batch_size,
+              "last_batch": n_train % args.batch_size, "epochs": epochs,
+              "startup_seconds": startup, "fit_seconds": fit_seconds,
+              "last_epoch_seconds": last["epoch_total"],
+              "last_epoch_share": {k: last[k] / last["epoch_total"] for k in
+                                   ("train", "eval_test", "eval_train", "checkpoint_and_bookkeeping")},
+              "seconds_per_cifar10_epoch_full": last["epoch_total"] * CIFAR10_TRAIN / n_train,
+              "what": "Trainer.fit as at-mem train runs it: every epoch's training (partial last batch included), "
+                      "per-epoch evaluation and checkpoint writes; epoch 1 includes compilation/autotuning; "
+                      "seconds_per_cifar10_epoch_full scales the last epoch (training and evaluation alike) to "
+                      "50,000 training images"}
+    print(f"full epoch {method:10s} last epoch {last['epoch_total']:.2f} s = train {last['train']:.2f} + test eval "
+          f"{last['eval_test']:.2f} + train eval {last['eval_train']:.2f} + checkpoint/rest "
+          f"{last['checkpoint_and_bookkeeping']:.2f} ({last['images_per_s_full_epoch']:.1f} img/s full epoch, "
+          f"{last['images_per_s_training_only']:.1f} training only)", flush=True)
+    return result
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -329,6 +456,16 @@ def main(argv=None) -> dict:
                         help="also seconds per CIFAR-10 epoch of PGD-AT and MFU for --estimate-models x --estimate-batches")
     parser.add_argument("--estimate-models", nargs="+", default=["preactresnet18", "wrn34_10"])
     parser.add_argument("--estimate-batches", nargs="+", type=int, default=[128, 512])
+    parser.add_argument("--full-epoch", action="store_true",
+                        help="also time whole epochs of Trainer.fit per method (training with the partial last "
+                             "batch, per-epoch evaluation, checkpoints): the epoch as a user experiences it")
+    parser.add_argument("--skip-compare", action="store_true", help="no package-vs-reference timing (with --full-epoch)")
+    parser.add_argument("--epochs", type=int, default=3, help="--full-epoch: epochs (the first includes compilation)")
+    parser.add_argument("--train-size", type=int, default=10_000,
+                        help="--full-epoch: training images (not a multiple of the batch: a partial last batch)")
+    parser.add_argument("--test-size", type=int, default=1000, help="--full-epoch: test points evaluated per epoch")
+    parser.add_argument("--eval-train-size", type=int, default=0, help="--full-epoch: training points evaluated per epoch")
+    parser.add_argument("--eval-steps", type=int, default=10, help="--full-epoch: PGD steps of the per-epoch evaluation")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     parser.add_argument("--output", default=None, help="write the JSON here")
     args = parser.parse_args(argv)
@@ -337,11 +474,14 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    if args.skip_compare and not args.full_epoch:
+        parser.error("--skip-compare leaves nothing to measure without --full-epoch")
     out_root = tempfile.mkdtemp(prefix="bench-train-")
-    bundle, source = make_data(args, args.batch_size * args.iters)
+    bundle, source = make_data(args, args.batch_size * args.iters) if not args.skip_compare else (None, None)
     name = device_name(args.device)
+    load_at_start = os.getloadavg()
     results = {}
-    for method in args.methods:
+    for method in ([] if args.skip_compare else args.methods):
         results[method] = time_method(method, args.model, bundle, args, out_root)
         r = results[method]
         print(f"{method:10s} package {r['package_images_per_s']:9.1f} img/s (median {r['package_images_per_s_median']:.1f}, "
@@ -356,6 +496,7 @@ def main(argv=None) -> dict:
 
     te_overhead = {f"{te}_vs_{base}": {side: overhead(te, base, side) for side in ("package", "reference")}
                    for te, base in (("pgd-at-te", "pgd-at"), ("trades-te", "trades"))}
+    full = {method: full_epochs(method, args, out_root) for method in args.methods} if args.full_epoch else None
     peak = peak_bf16(name) if args.device.type == "cuda" else None
     report = {
         "benchmark": "bench_train", "date": datetime.date.today().isoformat(),
@@ -364,6 +505,8 @@ def main(argv=None) -> dict:
         "cpu_count": os.cpu_count(),
         "versions": versions(), "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "note": args.note,
+        # the machine may be shared: the 1-, 5- and 15-minute load averages at the start and the end
+        "load_average": {"start": load_at_start, "end": None},
         "settings": {"model": args.model, "batch_size": args.batch_size, "attack_steps": args.steps,
                      "eps": args.eps, "step_size": args.step_size, "iters": args.iters, "warmup": args.warmup,
                      "repeats": args.repeats, "data": source, "bf16": args.bf16,
@@ -379,10 +522,13 @@ def main(argv=None) -> dict:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_bf16_flops": peak,
     }
+    if full is not None:
+        report["full_epoch"] = full
     if args.epoch_estimate:
         report["epoch_estimate"] = epoch_estimate(args, out_root, peak)
+    report["load_average"]["end"] = os.getloadavg()
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for key, value in te_overhead.items():
+    for key, value in (te_overhead.items() if results else ()):
         print(f"TE overhead {key}: package {value['package']:+.1%}, reference {value['reference']:+.1%}"
               if value["package"] is not None else f"TE overhead {key}: not measured")
     if args.output:

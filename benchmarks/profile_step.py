@@ -9,8 +9,13 @@ compiled model changes. For each variant it runs the package's own ``Trainer.tra
 - ``wall_ms``: host wall time of a step (synchronised at the ends of the pass);
 - ``kernel_launches``: CUDA kernel launches issued by the host (``cudaLaunchKernel`` and kin), and
   ``graph_launches`` (``cudaGraphLaunch``: one per replayed CUDA graph);
-- ``device_busy_ms``: summed time of the kernels themselves; ``busy_fraction`` = busy / wall. A
-  launch-bound step has a low busy fraction: the GPU waits for the host;
+- ``device_busy_ms``: summed time of the kernels themselves; ``busy_fraction`` = busy / profiled
+  wall, ``busy_fraction_unprofiled`` = busy / the wall time of the same pass without the profiler
+  (``wall_ms_per_step_unprofiled``; the profiler slows the host, so this is the fraction of an
+  ordinary step). A launch-bound step has a low busy fraction: the GPU waits for the host;
+- ``conv_weight_grads_per_step``: convolution backward calls that compute a weight gradient (one
+  per convolution is the update's; a compiled attack used to add one per convolution per attack
+  step, issue 21), and on CUDA ``wgrad_kernels_per_step`` / ``dgrad_kernels_per_step``;
 - the ten operators with the most device time and the ten with the most host time.
 
 Variants: ``eager`` (bf16 + channels_last, the package's fast path), ``compile`` (``torch.compile``
@@ -52,6 +57,31 @@ def top_ops(events, key: str, n: int = 10) -> list[dict]:
              "self_host_ms": e.self_cpu_time_total / 1e3} for e in rows]
 
 
+def gradient_work(trainer, device, activities, steps) -> dict:
+    """Per training step: ``aten::convolution_backward`` calls, those computing a weight gradient
+    (``output_mask[1]``, read from the profiler's recorded arguments), and on CUDA the cuDNN
+    weight- and input-gradient kernels (names with ``wgrad`` / ``dgrad``). A PGD-K step needs one
+    weight gradient per convolution (the update); the attack's K backward passes need none
+    (issue 21: a compiled attack computed them all). A separate pass, since ``record_shapes`` slows
+    the host further."""
+    with profile(activities=activities, record_shapes=True) as prof:
+        trainer.train_epoch(2)
+        sync(device)
+    conv = weight = wgrad = dgrad = 0
+    for event in prof.events():
+        if event.name == "aten::convolution_backward":
+            conv += 1
+            mask = (getattr(event, "concrete_inputs", None) or [None])[-1]
+            weight += bool(isinstance(mask, (list, tuple)) and len(mask) == 3 and mask[1])
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            wgrad += "wgrad" in event.name
+            dgrad += "dgrad" in event.name
+    counts = {"conv_backward_per_step": conv / steps, "conv_weight_grads_per_step": weight / steps}
+    if device.type == "cuda":
+        counts.update(wgrad_kernels_per_step=wgrad / steps, dgrad_kernels_per_step=dgrad / steps)
+    return counts
+
+
 def profile_variant(variant: str, args, bundle, out_root) -> dict:
     args.compile = False  # the variants compile here, each in its own mode
     trainer = package_trainer(args.method, args.model, bundle, args, out_root)
@@ -66,6 +96,12 @@ def profile_variant(variant: str, args, bundle, out_root) -> dict:
             trainer.train_epoch(2)
         sync(args.device)
         warmup_s = time.perf_counter() - started
+        # The same pass without the profiler: the profiler slows the host, so the busy fraction of
+        # an ordinary step is device-busy time over this wall time, not over the profiled one.
+        start = time.perf_counter()
+        trainer.train_epoch(2)
+        sync(args.device)
+        unprofiled = time.perf_counter() - start
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             sync(args.device)
@@ -78,7 +114,11 @@ def profile_variant(variant: str, args, bundle, out_root) -> dict:
         graphs = sum(e.count for e in events if e.key == "cudaGraphLaunch")
         # Device time of the kernels themselves: the device-side events, not the host-side launch records.
         busy_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        counts = gradient_work(trainer, args.device, activities, steps)
         result = {"steps": steps, "warmup_seconds": warmup_s, "wall_ms_per_step": wall / steps * 1e3,
+                  "wall_ms_per_step_unprofiled": unprofiled / steps * 1e3,
+                  "busy_fraction_unprofiled": (busy_us / 1e6) / unprofiled if args.device.type == "cuda" else None,
+                  **counts,
                   "kernel_launches_per_step": launches / steps, "graph_launches_per_step": graphs / steps,
                   "host_ops_per_step": sum(e.count for e in events
                                            if e.device_type == torch.autograd.DeviceType.CPU) / steps,
@@ -87,7 +127,10 @@ def profile_variant(variant: str, args, bundle, out_root) -> dict:
                   "images_per_s": steps * args.batch_size / wall,
                   "top_device_ops": top_ops(events, "self_device_time_total") if args.device.type == "cuda" else [],
                   "top_host_ops": top_ops(events, "self_cpu_time_total")}
-        print(f"{variant:20s} {result['wall_ms_per_step']:7.1f} ms/step, {result['kernel_launches_per_step']:6.0f} "
+        print(f"{variant:20s} {result['wall_ms_per_step']:7.1f} ms/step profiled ({result['wall_ms_per_step_unprofiled']:.1f} "
+              f"unprofiled), {result['conv_weight_grads_per_step']:.0f} weight-gradient convolutions/step"
+              + (f" ({result['wgrad_kernels_per_step']:.0f} wgrad kernels)" if "wgrad_kernels_per_step" in result else "")
+              + f", {result['kernel_launches_per_step']:6.0f} "
               f"kernel launches/step, {result['graph_launches_per_step']:.0f} graph launches/step, device busy "
               f"{result['device_busy_ms_per_step']:.1f} ms/step"
               + (f" ({result['busy_fraction']:.0%})" if result["busy_fraction"] is not None else ""), flush=True)

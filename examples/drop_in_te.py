@@ -1,9 +1,15 @@
 """Temporal ensembling as a drop-in loss in a plain PyTorch + torchattacks training loop.
 
-The only additions to an ordinary PGD-AT loop are marked ``# TE``: a ``TELoss`` sized to the
-training set, the sample indices from the data loader, one ``update`` per step with the model's
-eval-mode clean predictions, the ``TEPGD`` attack (PGD whose inner loss includes the penalty) and
-the penalty added to the loss.
+The loop is written the way foreign training scripts are: its data set yields ``(image, label)``, it
+normalizes outside the model (``model(normalize(x))``), counts epochs from 0 and calls
+``model.train()`` once per epoch. The TE additions are marked ``# TE``:
+
+- ``WithIndex`` makes the items ``(image, label, index)``; ``without_index`` gives the (x, y) view
+  that the accuracy helper expects;
+- ``TELoss.for_run`` scales the schedule to the run (45% / 75%) in the loop's own epoch counting;
+- ``te.update_from`` is the whole ensemble update (eval mode, no_grad, modes restored, once per step);
+- ``TEPGD(..., mean=, std=)`` takes and returns [0, 1] images and normalizes inside its forwards;
+- ``te(logits, index, epoch)`` is the penalty added to the training loss.
 
     python examples/drop_in_te.py --data-dir ../shared/data/mnist --train-size 1000 --epochs 6
 """
@@ -16,8 +22,25 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from at_memorization import TELoss, TEPGD  # TE
+from at_memorization import TELoss, TEPGD, WithIndex, without_index  # TE
 from at_memorization.data import load_split
+
+MEAN, STD = (0.1307,), (0.3081,)  # MNIST's; the model below expects normalized inputs
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - torch.tensor(MEAN).view(1, -1, 1, 1)) / torch.tensor(STD).view(1, -1, 1, 1)
+
+
+def accuracy(model, loader) -> float:
+    """An ordinary helper that unpacks (x, y) batches."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(normalize(x)).argmax(1) == y).sum())
+            total += len(y)
+    return correct / total
 
 
 def main() -> None:
@@ -31,43 +54,42 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
-    # Any data set works if its items are (image, label, index); ours already are.
-    train = load_split("mnist", args.data_dir, train=True, size=args.train_size)
+    # An ordinary (image, label) data set, as most scripts have.
+    split = load_split("mnist", args.data_dir, train=True, size=args.train_size)
+    pairs = torch.utils.data.TensorDataset(split.images.float() / 255, split.labels)
     test = load_split("mnist", args.data_dir, train=False, size=args.test_size)
+    test_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(test.images.float() / 255, test.labels), batch_size=256)
+
+    train = WithIndex(pairs)  # TE: items are (image, label, index)
     loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
 
     model = timm.create_model("smallcnn", num_classes=10, in_chans=1)  # registered by at_memorization
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    start, end = max(1, args.epochs // 2), max(2, args.epochs - 1)
-    te = TELoss(num_samples=len(train), num_classes=10, momentum=0.9, reg_weight=300.0,  # TE
-                start_epoch=start, end_epoch=end)
-    attack = TEPGD(model, te, eps=args.eps, alpha=args.eps / 4, steps=5)  # TE (PGD + penalty)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    te = TELoss.for_run(len(train), 10, epochs=args.epochs, epoch_origin=0)  # TE: this loop counts from 0
+    attack = TEPGD(model, te, eps=args.eps, alpha=args.eps / 4, steps=5, mean=MEAN, std=STD)  # TE
 
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(args.epochs):
         # As in the paper, the ensemble switches on around the first learning-rate decay.
         for group in optimizer.param_groups:
-            group["lr"] = 0.05 if epoch < start else 0.005
+            group["lr"] = 0.01 if not te.active(epoch) else 0.001
+        model.train()
         total_loss = total_te = 0.0
         for x, y, index in loader:
-            if te.active(epoch):  # TE: ensemble of eval-mode clean predictions
-                model.eval()
-                with torch.no_grad():
-                    te.update(model(x), index, epoch)
-            x_adv = attack(x, y, index=index, epoch=epoch)
-            model.train()
-            logits = model(x_adv)
-            penalty = te(logits, index, epoch)  # TE
+            te.update_from(model, x, index, epoch, mean=MEAN, std=STD)  # TE: no-op before the start
+            x_adv = attack(x, y, index=index, epoch=epoch)  # [0, 1] in and out; eval mode inside
+            logits = model(normalize(x_adv))
+            penalty = te(logits, index, epoch)  # TE: exactly 0 before the start
             loss = F.cross_entropy(logits, y) + penalty
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(y)
             total_te += penalty.item() * len(y)
-        model.eval()
-        with torch.no_grad():
-            clean = (model(test.images.float() / 255).argmax(1) == test.labels).float().mean().item()
+        train_acc = accuracy(model, without_index(loader))  # TE: the helper sees (x, y) batches
         print(f"epoch {epoch}: te_weight_now {te.weight(epoch):.3g} loss {total_loss / len(train):.4f} "
-              f"te_loss {total_te / len(train):.4g} test clean acc {clean:.3f}")
+              f"te_loss {total_te / len(train):.4g} train clean acc {train_acc:.3f} "
+              f"test clean acc {accuracy(model, test_loader):.3f}")
 
 
 if __name__ == "__main__":

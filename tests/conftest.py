@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# at-mem's method catalog cache (at_memorization/method_catalog.py) goes to a folder of this test
+# session, never the user's ~/.cache: for the CLI run in-process and in the subprocesses tests start.
+os.environ["AT_MEM_CACHE_DIR"] = tempfile.mkdtemp(prefix="at-mem-test-cache-")
+atexit.register(shutil.rmtree, os.environ["AT_MEM_CACHE_DIR"], True)
 SHARED_DATA = Path(os.environ.get("AT_MEM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CIFAR_JPG_TAR = SHARED_DATA / "cifar10-jpg" / "cifar10_jpg_YoongiKim_6d04f75.tar.gz"
 

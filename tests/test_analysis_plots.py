@@ -93,3 +93,46 @@ def test_te_weight_is_read_under_both_names_per_record():
         r["te_weight_now"] = r.pop("te_weight")
     assert _te_weight_series(resumed) == ([1, 2, 3, 4, 5], [0.0, 0.0, 30.0, 60.0, 90.0])
     assert _te_weight_series(records(3)) == ([], [])
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The figures the plot functions save (kept open for inspection)."""
+    from at_memorization.analysis import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    yield figures
+    import matplotlib.pyplot as plt
+
+    for fig in figures:
+        plt.close(fig)
+
+
+def _legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_an_unfinished_run_is_marked_last_so_far_and_runs_share_one_integer_epoch_axis(captured, tmp_path):
+    # Before: an unfinished run's last epoch was labelled "final"; runs of different lengths got
+    # separate x axes; ticks read 2.5, 7.5.
+    plot_runs([("short", records(4)), ("long", records(9))], tmp_path / "p.png", planned=[10, 9])
+    fig = captured[0]
+    top = [ax for ax in fig.axes if ax.get_legend() is not None]
+    assert any(t.startswith("last so far (of 10) ep 4") for t in _legend_texts(top[0]))
+    assert any(t.startswith("final ep 9") for t in _legend_texts(top[1]))
+    limits = {ax.get_xlim() for ax in fig.axes if ax.get_xlabel() == "epoch" or ax in top}
+    assert limits == {(0.5, 10.5)}  # up to the longest planned run
+    fig.canvas.draw()
+    for ax in top:
+        ticks = [t for t in ax.get_xticks() if 0.5 <= t <= 10.5]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_the_memorization_plot_legend_names_early_and_late_bars(captured, tmp_path):
+    report = {"run": "r", "samples": 10, "late": 3, "late_after": 2, "best_epoch": 2,
+              "per_epoch": {"epoch": [1, 2, 3, 4], "newly_fitted": [4, 2, 2, 1], "test_robust_acc": [0.1, 0.3, 0.2, 0.2],
+                            "train_robust_acc": [0.2, 0.4, 0.6, 0.8]}}
+    plot_memorization([report], tmp_path / "m.png")
+    texts = _legend_texts(captured[0].axes[0])
+    assert "newly fitted, stays fitted" in texts and "... late (after epoch 2)" in texts

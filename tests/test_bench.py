@@ -51,3 +51,26 @@ def test_peak_table_and_flop_count_match_the_issue():
     assert bench.peak_bf16("NVIDIA H100 PCIe") == 756e12
     assert bench.peak_bf16("AMD EPYC") is None
     assert abs(bench.forward_flops("preactresnet18", (3, 32, 32)) / 1e9 - 1.11) < 0.01
+
+
+def test_full_epoch_reports_the_epoch_a_user_waits_for(mnist_dir, tmp_path):
+    """--full-epoch: Trainer.fit with a smaller last batch, the per-epoch evaluation and checkpoints,
+    each epoch split into training, test evaluation, training-set evaluation and the rest."""
+    output = tmp_path / "full.json"
+    _bench().main(["--device", "cpu", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model", "smallcnn",
+                   "--batch-size", "16", "--steps", "1", "--full-epoch", "--skip-compare", "--methods", "pgd-at",
+                   "--epochs", "2", "--train-size", "70", "--test-size", "40", "--eval-train-size", "20",
+                   "--eval-steps", "2", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert report["methods"] == {} and len(report["load_average"]["start"]) == 3
+    full = report["full_epoch"]["pgd-at"]
+    assert full["train_size"] == 70 and full["full_batches"] == 4 and full["last_batch"] == 6
+    assert full["test_size"] == 40 and full["eval_train_size"] == 20
+    assert [e["epoch"] for e in full["epochs"]] == [1, 2]
+    for epoch in full["epochs"]:
+        parts = epoch["train"] + epoch["eval_test"] + epoch["eval_train"] + epoch["checkpoint_and_bookkeeping"]
+        assert abs(parts - epoch["epoch_total"]) < 1e-9
+        assert min(epoch["train"], epoch["eval_test"], epoch["eval_train"], epoch["write_last_checkpoint"]) > 0
+        assert epoch["train_seconds_recorded"] <= epoch["train"]  # the run's own figure is inside ours
+        assert epoch["images_per_s_full_epoch"] == 70 / epoch["epoch_total"]
+    assert abs(sum(full["last_epoch_share"].values()) - 1) < 1e-9

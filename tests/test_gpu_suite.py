@@ -21,8 +21,10 @@ SUITE = ROOT / "benchmarks" / "gpu" / "suite.py"
 COLLECT = ROOT / "benchmarks" / "gpu" / "collect.py"
 METHODS = ("pgd-at", "pgd-at-te", "trades", "trades-te", "pgd-at-awp", "trades-awp", "pgd-at-te-awp", "mart")
 # suite.py prints a line as each step starts and ends, but says nothing while one step's subprocess
-# runs. The longest step, `at-mem train --compile` (speed stage), took 43 s without output on an idle
-# 2-core machine (every other step under 8 s), so 600 s of silence leaves room for a 14x slowdown.
+# runs. The longest silent subprocesses are the --compile epochs of bench_train (runtime stage, 24 s
+# on a 2-core machine shared with another session) and the concurrency benchmark (21 s), as the
+# former `at-mem train --compile` step (43 s on an idle machine), so 600 s of silence leaves room
+# for a 14x slowdown.
 SUITE_SILENCE_S = 600
 # The suite's own --budget-s is wall-clock too (a step with too little left is skipped, and a running
 # step is killed when the budget is spent), so the runs that must complete every step get a day.
@@ -97,15 +99,41 @@ def test_only_runs_the_named_steps_of_the_named_stages(mnist_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_runtime_stage_comes_first_with_compile_epochs_concurrency_and_attack_gradients(tiny_run):
+    """Issue 21: a lease starts with --compile over whole epochs (evaluation included) and with
+    concurrent runs (items 3 and 4), then the attack's weight-gradient check (item 1)."""
+    out, stdout = tiny_run
+    assert stdout.index("runtime: train_compile_vs_eager") < stdout.index("check: cuda_tests")
+    record = _load(out, "runtime")
+    assert list(record["steps"])[:2] == ["train_compile_vs_eager", "concurrency"]
+    check = record["steps"]["train_compile_vs_eager"]
+    assert all(run["ok"] for run in check["runs"].values())
+    assert "--compile" in check["runs"]["compile"]["command"] and "--compile" not in check["runs"]["eager"]["command"]
+    for label in ("eager", "compile"):
+        full = check["runs"][label]["benchmark"]["full_epoch"]["pgd-at"]
+        assert full["last_batch"] == 6 and len(full["epochs"]) == 2  # 70 = 4 x 16 + 6: a smaller last batch
+        for epoch, total in zip(full["epochs"], check["epoch_seconds"][label]):
+            assert epoch["eval_test"] > 0 and epoch["epoch_total"] == total  # evaluation is part of the epoch
+            assert epoch["epoch_total"] >= epoch["train"] + epoch["eval_test"]
+    assert check["last_epoch_speedup"] == pytest.approx(check["epoch_seconds"]["eager"][-1]
+                                                        / check["epoch_seconds"]["compile"][-1])
+    concurrency = record["steps"]["concurrency"]["benchmark"]
+    assert [r["config"] for r in concurrency["results"]] == ["1x16t1", "2x16t1", "1x32t1"]
+    assert all(r["ok"] and r["aggregate_images_per_s"] > 0 for r in concurrency["results"])
+    assert len(concurrency["results"][1]["per_run_images_per_s"]) == 2
+    (row,) = concurrency["summary"]
+    assert row["concurrent"] == "2x16t1" and row["one_larger_batch_run"] == "1x32t1"
+    assert isinstance(row["concurrency_beats_larger_batch"], bool)
+    grads = record["steps"]["attack_grads"]["benchmark"]["variants"]["eager"]
+    assert grads["counts"]["input_only"]["conv_weight_grads_per_attack"] == 0
+    assert grads["counts"]["input_only"]["conv_backward_per_attack"] > 0
+
+
+@pytest.mark.slow
 def test_speed_stage_summarizes_package_against_reference(tiny_run):
     out, _ = tiny_run
     record = _load(out, "speed")
-    assert set(record["steps"]) == {"train_compile_vs_eager", "fp32", "bf16_channels_last"}  # no compile bench
-    check = record["steps"]["train_compile_vs_eager"]
-    assert all(run["ok"] and len(run["metrics"]) == 2 for run in check["runs"].values())
-    assert "--compile" in check["runs"]["compile"]["command"] and "--compile" not in check["runs"]["eager"]["command"]
-    assert check["last_epoch_speedup"] == pytest.approx(
-        check["runs"]["eager"]["metrics"][-1]["train_seconds"] / check["runs"]["compile"]["metrics"][-1]["train_seconds"])
+    assert set(record["steps"]) == {"fp32", "bf16_channels_last"}  # no compile bench
     table = record["summary"]["images_per_s"]
     assert set(table) == set(METHODS[:4])  # the benchmark's reference loop covers the four TE-paper methods
     for method, row in table.items():
@@ -137,8 +165,8 @@ def test_collect_copies_under_the_device_name(tiny_run, tmp_path):
     assert done.returncode == 0, done.stderr
     (folder,) = tmp_path.iterdir()
     assert folder.name.startswith("gpu-cpu-")
-    assert {p.name for p in folder.iterdir()} == {"check.json", "profile.json", "speed.json", "reproduce.json",
-                                                  "runs.tar.gz"}
+    assert {p.name for p in folder.iterdir()} == {"runtime.json", "check.json", "profile.json", "speed.json",
+                                                  "reproduce.json", "runs.tar.gz"}
     assert "check on cpu" in done.stdout and "pgd-at:" in done.stdout
     again = run_with_hang_guard([sys.executable, str(COLLECT), str(out), "--results", str(tmp_path)])
     assert again.returncode == 0, again.stderr  # a second lease the same day: a new folder, the first kept
@@ -153,6 +181,8 @@ def test_a_spent_budget_skips_every_step_and_says_why(mnist_dir, tmp_path):
     assert {"cuda_tests", "bf16_agreement", "two_epochs_pgd-at", "evaluate_all"} <= set(check["skipped"])
     assert "left of the budget" in check["skipped"]["cuda_tests"]
     assert json.loads((tmp_path / "reproduce.json").read_text())["steps"] == {}
+    runtime = json.loads((tmp_path / "runtime.json").read_text())
+    assert runtime["steps"] == {} and {"train_compile_vs_eager", "concurrency", "attack_grads"} <= set(runtime["skipped"])
 
 
 def test_full_settings_need_a_cuda_device_or_tiny(tmp_path):

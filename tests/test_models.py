@@ -127,6 +127,17 @@ def test_our_models_registry_is_consistent():
         assert name in model_names()
 
 
+def test_the_model_catalog_describes_every_backbone_with_its_parameter_count():
+    """model_catalog.py (what `at-mem models` prints without torch) agrees with the built models."""
+    from at_memorization.model_catalog import COUNTED_FOR, MODELS
+
+    assert sorted(MODELS) == sorted(OUR_MODELS) == model_names()
+    for name, info in MODELS.items():
+        model = build_model(name, COUNTED_FOR["num_classes"], COUNTED_FOR["in_chans"], COUNTED_FOR["img_size"])
+        assert info.parameters == sum(p.numel() for p in model.parameters()), name
+        assert info.description and "\n" not in info.description
+
+
 def test_drop_rate_is_passed_to_models_with_dropout():
     """--drop-rate is timm's drop_rate: smallcnn's classifier dropout follows it; None keeps 0.5."""
     dropouts = lambda model: [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]

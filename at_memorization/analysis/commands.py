@@ -1,7 +1,9 @@
 """The analysis commands of ``at-mem``: gradient-stability, measures, memorization, plot.
 
-``register(group)`` adds them to the CLI group (called at the end of ``at_memorization/cli.py``).
-They parse and validate, call the analysis functions, write JSON/PNG files and print a summary.
+``at-mem`` imports this module only when one of them is called (``LAZY_COMMANDS`` in
+``at_memorization/cli.py`` names them); ``register(group)`` adds them all to another click group.
+They parse and validate, call the analysis functions, write JSON/PNG files and print a summary;
+the library's user-facing errors become one ``Error: ...`` line (``one_line_errors``).
 """
 
 from __future__ import annotations
@@ -210,14 +212,26 @@ def plot_command(run_dirs, output, by_method):
         click.echo(f"wrote {plot_groups([(g.label, [r.records for r in g.runs]) for g in groups], output)}")
         return
     runs = [(Path(d).name, read_metrics(d)) for d in run_dirs]
-    click.echo(f"wrote {plot_runs(runs, output)}")
+    click.echo(f"wrote {plot_runs(runs, output, planned=[_planned_epochs(d) for d in run_dirs])}")
+
+
+def _planned_epochs(run_dir) -> int | None:
+    """The run's --epochs (None when its config.json is unreadable: the plot then says "final")."""
+    from ..runfolder import RunFolder, RunFolderError
+
+    try:
+        epochs = RunFolder(run_dir).read_config()["config"].get("epochs")
+    except RunFolderError:
+        return None
+    return epochs if isinstance(epochs, int) else None
 
 
 COMMANDS = (gradient_stability_command, measures_command, memorization_command, plot_command)
+for _command in COMMANDS:  # the CLI's one-line error handling, once
+    _command.callback = one_line_errors(_command.callback)
 
 
 def register(group: click.Group) -> None:
-    """Add the analysis commands to ``group``, with the CLI's one-line error handling."""
+    """Add the analysis commands to ``group``."""
     for command in COMMANDS:
-        command.callback = one_line_errors(command.callback)
         group.add_command(command)

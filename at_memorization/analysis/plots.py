@@ -8,6 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..report import best_record, final_record  # noqa: E402
 
@@ -21,6 +23,13 @@ def _save(fig, path) -> Path:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _epoch_axis(ax, last_epoch: int | None = None) -> None:
+    """Whole epochs on the x axis (no 2.5, 7.5 ticks); one range for every panel of a figure."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if last_epoch is not None:
+        ax.set_xlim(0.5, last_epoch + 0.5)
 
 
 def _series(records, key):
@@ -39,8 +48,11 @@ def _te_weight_series(records):
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
+def plot_runs(runs: list[tuple[str, list[dict]]], path, planned: list[int | None] | None = None) -> Path:
     """One column per run: accuracies (best and final epoch marked), robust gap, grad norm, TE weight.
+
+    ``planned``: each run's number of epochs (its config); a run that has not reached it has its last
+    evaluated epoch marked "last so far", not "final". All columns share one epoch axis.
 
     The robust generalization gap is ``train_robust_acc - test_robust_acc`` when the run logged
     ``--eval-train-size`` accuracies, else ``train_adv_acc - test_robust_acc`` (the training-time
@@ -50,7 +62,9 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
         raise ValueError("no runs to plot")
     has_te = any(any(key in r for key in TE_WEIGHT_KEYS for r in records) for _, records in runs)
     rows = 4 if has_te else 3
-    fig, axes = plt.subplots(rows, len(runs), figsize=(4.2 * len(runs), 2.6 * rows), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(rows, len(runs), figsize=(4.2 * len(runs), 2.6 * rows), squeeze=False)
+    planned = planned or [None] * len(runs)
+    last_epoch = max([r["epoch"] for _, records in runs for r in records] + [p for p in planned if p])
     for col, (name, records) in enumerate(runs):
         ax = axes[0][col]
         for key, label, color, style in ACC_CURVES:
@@ -64,8 +78,10 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
         final = final_record(records)
         ax.plot([best["epoch"]], [best["test_robust_acc"]], "*", color="black", markersize=12,
                 label=f"best ep {best['epoch']}: {best['test_robust_acc']:.3f}")
+        unfinished = planned[col] is not None and records[-1]["epoch"] < planned[col]
+        which = f"last so far (of {planned[col]})" if unfinished else "final"
         ax.plot([final["epoch"]], [final["test_robust_acc"]], "o", color="black", fillstyle="none", markersize=9,
-                label=f"final ep {final['epoch']}: {final['test_robust_acc']:.3f}")
+                label=f"{which} ep {final['epoch']}: {final['test_robust_acc']:.3f}")
         ax.axvline(best["epoch"], color="gray", lw=0.8, ls=":")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(name, fontsize=10)
@@ -105,6 +121,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path) -> Path:
             ax.set_ylabel("TE weight")
             ax.grid(alpha=0.3)
         axes[-1][col].set_xlabel("epoch")
+        for row in range(rows):
+            _epoch_axis(axes[row][col], last_epoch)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -160,6 +178,7 @@ def plot_groups(groups: list[tuple[str, list[list[dict]]]], path) -> Path:
             ax.axvline(epoch - 0.5, color="gray", lw=0.8, ls=":")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     axes[0][0].set_ylabel("mean over seeds (band: min-max)")
@@ -207,16 +226,20 @@ def plot_memorization(reports: list[dict], path) -> Path:
     for ax, report in zip(axes[0], reports):
         per = report["per_epoch"]
         colors = ["tab:orange" if e > report["late_after"] else "tab:gray" for e in per["epoch"]]
-        ax.bar(per["epoch"], [c / report["samples"] for c in per["newly_fitted"]], color=colors, alpha=0.7,
-               label="newly fitted (stays fitted)")
+        ax.bar(per["epoch"], [c / report["samples"] for c in per["newly_fitted"]], color=colors, alpha=0.7)
         ax.plot(per["epoch"], per["test_robust_acc"], "r-", label="test robust")
         ax.plot(per["epoch"], per["train_robust_acc"], "r--", label="train robust")
         ax.axvline(report["best_epoch"], color="black", lw=0.8, ls=":", label=f"best epoch {report['best_epoch']}")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.set_ylabel("fraction of samples / accuracy")
         ax.set_title(f"{report['run']}: {report['late']} late of {report['samples']}", fontsize=10)
-        ax.legend(fontsize=7)
+        # the bars' two colours need their own legend entries (one labelled bar container shows one)
+        handles, _ = ax.get_legend_handles_labels()
+        handles[:0] = [Patch(color="tab:gray", alpha=0.7, label="newly fitted, stays fitted"),
+                       Patch(color="tab:orange", alpha=0.7, label=f"... late (after epoch {report['late_after']})")]
+        ax.legend(handles=handles, fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

@@ -4,7 +4,8 @@ extensions (regularizers such as temporal ensembling, update hooks such as AWP) 
 A method is its attack (inner maximization), its training loss (outer minimization) and its own
 per-run state. The trainer calls, for every batch::
 
-    x_adv = method.attack(model, x, y, index, epoch)              # model: the bare module, any mode
+    x_adv = method.attack(model, x, y, index, epoch)              # model: the bare module, any mode;
+                                                                   # its parameters frozen meanwhile
     method.before_loss(model, x, x_adv, y, index, epoch)           # hooks (e.g. AWP perturbs weights)
     loss, logs = method.loss(model, x, x_adv, y, index, epoch)     # model: as trained (DDP), train mode
     loss.backward()
@@ -40,16 +41,9 @@ from typing import ClassVar
 
 import torch
 
-from ..attacks import Penalty  # penalty(logits) -> scalar, added to an attack's inner loss
-from ..settings import SETTINGS_BY_NAME, Setting, SettingError
-
-
-@dataclass(frozen=True)
-class Hyperparameter(Setting):
-    """A method's own setting, exposed as ``--<name with dashes>`` by the CLI: a run Setting (type,
-    default, help, bounds such as ``minimum=0``), which a resume may change by default."""
-
-    overridable: bool = True
+# Penalty: penalty(logits) -> scalar, added to an attack's inner loss
+from ..attacks import Penalty, input_gradients_only
+from ..settings import SETTINGS_BY_NAME, Hyperparameter, SettingError  # noqa: F401  (Hyperparameter: API)
 
 
 @dataclass(frozen=True)
@@ -207,14 +201,18 @@ class Method:
 
     # -- the two halves of a training step, assembled with the extensions
     def attack(self, model: torch.nn.Module, x, y, index, epoch: int) -> torch.Tensor:
-        penalties, clean_logits = [], None
-        for extension in self._extensions.values():
-            computed = extension.before_attack(model, x, index, epoch)
-            clean_logits = computed if computed is not None else clean_logits
-            penalty = extension.attack_penalty(index, epoch)
-            if penalty is not None:
-                penalties.append(penalty)
-        return self.run_attack(model, x, y, penalty=_sum_penalties(penalties), clean_logits=clean_logits)
+        # Input gradients only, whatever attack run_attack uses: with the parameters frozen, a
+        # compiled model's attack graph computes no weight gradients (eager autograd skips them
+        # anyway). The flags are restored on the way out, also on error.
+        with input_gradients_only(model):
+            penalties, clean_logits = [], None
+            for extension in self._extensions.values():
+                computed = extension.before_attack(model, x, index, epoch)
+                clean_logits = computed if computed is not None else clean_logits
+                penalty = extension.attack_penalty(index, epoch)
+                if penalty is not None:
+                    penalties.append(penalty)
+            return self.run_attack(model, x, y, penalty=_sum_penalties(penalties), clean_logits=clean_logits)
 
     def loss(self, model: torch.nn.Module, x, x_adv, y, index, epoch: int) -> tuple[torch.Tensor, dict]:
         logits = self.training_logits(model, x, x_adv)

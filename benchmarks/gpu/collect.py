@@ -3,7 +3,7 @@
 
     python benchmarks/gpu/collect.py FILES_AT [--results benchmarks/results]
 
-FILES_AT is the folder the device tool's reply names (the suite's --out: check.json, profile.json, speed.json,
+FILES_AT is the folder the device tool's reply names (the suite's --out: runtime.json, check.json, profile.json, speed.json,
 reproduce.json, suite.log, runs.tar.gz). The folder name carries the device name from the JSON,
 so results from different cards never mix. Prints a short summary to paste into notes.
 """
@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-FILES = ("check.json", "profile.json", "speed.json", "reproduce.json", "suite.log", "runs.tar.gz")
+FILES = ("runtime.json", "check.json", "profile.json", "speed.json", "reproduce.json", "suite.log", "runs.tar.gz")
 
 
 def slug(text: str) -> str:
@@ -27,7 +27,7 @@ def slug(text: str) -> str:
 
 def summary(folder: Path) -> list[str]:
     lines = []
-    for name in ("check", "profile", "speed", "reproduce"):
+    for name in ("runtime", "check", "profile", "speed", "reproduce"):
         path = folder / f"{name}.json"
         if not path.exists():
             lines.append(f"{name}: not run")
@@ -46,6 +46,22 @@ def summary(folder: Path) -> list[str]:
         for row in record.get("summary", {}).get("epoch_estimate") or []:
             mfu = f", MFU {row['mfu_vs_bf16_peak']:.1%}" if row.get("mfu_vs_bf16_peak") else ""
             lines.append(f"  {row['model']} batch {row['batch_size']}: {row['seconds_per_cifar10_epoch']:.1f} s/epoch{mfu}")
+        compiled = steps.get("train_compile_vs_eager") or {}
+        if compiled.get("epoch_seconds"):
+            even = compiled.get("break_even_epochs")
+            lines.append("  epoch seconds (training + evaluation + checkpoints): " + "; ".join(
+                f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in compiled["epoch_seconds"].items())
+                + f"; steady speed-up x{compiled['steady_epoch_speedup']:.2f}, break-even "
+                + (f"after {even:.1f} epochs" if even else "never"))
+        for row in ((steps.get("concurrency") or {}).get("benchmark") or {}).get("results") or []:
+            lines.append(f"  concurrency {row['config']} {row['variant']}: " + (
+                f"{row['aggregate_images_per_s']:.0f} img/s aggregate" if row.get("ok") else f"failed ({row.get('rc')})"))
+        for variant, row in (((steps.get("attack_grads") or {}).get("benchmark") or {}).get("variants") or {}).items():
+            counts = row["counts"]
+            lines.append(f"  attack {variant}: weight-gradient convolutions per attack "
+                         f"{counts['input_only']['conv_weight_grads_per_attack']} (was "
+                         f"{counts['with_weight_grads']['conv_weight_grads_per_attack']}), attack time with/without "
+                         f"x{row['attack_ratio_with_weight_grads_over_input_only']:.2f}")
         for step in steps.values():
             for variant, row in ((step.get("profile") or {}).get("variants") or {}).items() if isinstance(step, dict) else ():
                 lines.append(f"  {variant}: " + (row["error"] if "error" in row else

@@ -46,6 +46,6 @@ Device call (one `run`, carry [".whl", ".gpu-data"]); stages in order of value, 
   command:   bash benchmarks/gpu/run_on_device.sh all 540
   carry:     [".whl", ".gpu-data"]
   timeout_s: 580
-Results come back under the reply's files_at: check.json, speed.json, reproduce.json, suite.log,
-runs.tar.gz. Commit them with: python benchmarks/gpu/collect.py FILES_AT
+Results come back under the reply's files_at: runtime.json, check.json, profile.json, speed.json,
+reproduce.json, suite.log, runs.tar.gz. Commit them with: python benchmarks/gpu/collect.py FILES_AT
 CALL

@@ -3,14 +3,22 @@
 
     python benchmarks/gpu/suite.py STAGE --out DIR [--cifar-dir DIR] [--budget-s S] [--tiny]
 
-STAGE is ``check``, ``profile``, ``speed``, ``reproduce``, several of them joined by commas, or
-``all`` (the four in that order, the most valuable first, so a lease cut short still leaves the
-most useful results). ``--only STEP,STEP`` runs just the named steps (the environment is always
-recorded); the others are recorded as skipped, "not selected". Each stage writes
+STAGE is ``runtime``, ``check``, ``profile``, ``speed``, ``reproduce``, several of them joined by
+commas, or ``all`` (the five in that order, the most valuable first, so a lease cut short still
+leaves the most useful results). ``--only STEP,STEP`` runs just the named steps (the environment is
+always recorded); the others are recorded as skipped, "not selected". Each stage writes
 ``DIR/<stage>.json`` after every step (a kill keeps what finished) and never runs a step it has
 no time left for: ``--budget-s`` is the time for everything, and a step that would start with
 less than its minimum left is recorded as skipped, with the reason.
 
+- ``runtime`` (issue 21, first in a lease): ``train_compile_vs_eager``: whole epochs of
+  ``Trainer.fit`` as ``at-mem train`` runs them (``bench_train.py --full-epoch``: a smaller last
+  batch, the per-epoch PGD-10 evaluation, checkpoints), eager and ``--compile``, with each epoch's
+  time split into training, evaluation and checkpoints, the steady epoch's speed-up and the
+  break-even epoch count; ``concurrency``: the aggregate images/s of 1, 2 and 3 concurrent
+  training processes of batch 128 against one process of batch 256 and 384, eager and compiled
+  (``benchmarks/concurrency.py``); ``attack_grads``: the attack's weight-gradient work before and
+  after issue 21 in one run, with cuDNN's wgrad kernels counted (``benchmarks/attack_grads.py``).
 - ``check``: environment (device, torch/CUDA/cuDNN, package versions), the CUDA-only tests
   (``pytest -m cuda``), bf16+channels_last against fp32 on the same 200 steps from the same
   initial weights, a 2-epoch run of each method with ``--bf16 --channels-last``, and
@@ -18,9 +26,7 @@ less than its minimum left is recorded as skipped, with the reason.
   The methods include the plugins AWP (pgd-at-awp, trades-awp, pgd-at-te-awp) and MART.
 - ``profile``: ``benchmarks/profile_step.py``: kernel launches, device-busy time and the top
   operators of a PGD-AT step, eager, compiled, and compiled with CUDA graphs (step ``profile_pgd-at``).
-- ``speed``: ``train_compile_vs_eager`` (``at-mem train`` PGD-AT with and without ``--compile`` on
-  10,000 images, whose last batch is smaller; the last epoch's seconds compared), then
-  ``benchmarks/bench_train.py``: the package against the paper-style fp32 reference
+- ``speed``: ``benchmarks/bench_train.py``: the package against the paper-style fp32 reference
   loop in fp32, in bf16+channels_last (with seconds per epoch and MFU of PreActResNet-18 and
   WRN-34-10 at batch 128 and 512), and with ``--compile``.
 - ``reproduce``: the 30-epoch robust-overfitting runs of docs/REPRODUCTION.md (PGD-AT and PGD-AT+TE
@@ -40,6 +46,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -47,7 +54,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("check", "profile", "speed", "reproduce")
+STAGES = ("runtime", "check", "profile", "speed", "reproduce")
 METHODS = ("pgd-at", "pgd-at-te", "trades", "trades-te")
 PLUGIN_METHODS = ("pgd-at-awp", "trades-awp", "pgd-at-te-awp", "mart")
 PACKAGES = ("at-memorization", "torch", "torchvision", "torchattacks", "robustbench", "pyautoattack", "timm",
@@ -145,7 +152,15 @@ class Settings:
                           "--repeats", "1", "--steps", "2", "--threads", "1"]
             self.estimate = ["--estimate-models", "smallcnn", "--estimate-batches", "16"]
             self.compile_methods = []
-            self.compile_check = dict(train_size=70, test_size=32, batch_size=16, steps=2, epochs=2)
+            # bench_train --full-epoch: 70 = 4 x 16 + 6, a smaller last batch
+            self.compile_check = ["--model", "smallcnn", "--batch-size", "16", "--steps", "2", "--epochs", "2",
+                                  "--train-size", "70", "--test-size", "32", "--eval-steps", "2", "--threads", "1"]
+            self.compile_check_min_s = 1
+            self.concurrency = ["--model", "smallcnn", "--steps", "2", "--iters", "2", "--warmup", "1", "--repeats", "1",
+                                "--configs", "1x16t1", "2x16t1", "1x32t1", "--variants", "eager"]
+            self.concurrency_min_s = 1
+            self.attack_grads = ["--model", "smallcnn", "--batch-size", "16", "--steps", "2", "--iters", "2",
+                                 "--repeats", "1", "--threads", "1", "--variants", "eager"]
             self.profile = ["--model", "smallcnn", "--batch-size", "16", "--iters", "2", "--steps", "2",
                             "--warmup", "1", "--variants", "eager"]
             self.reproduce = dict(train_size=64, test_size=32, batch_size=16, steps=2, epochs=2)
@@ -167,8 +182,22 @@ class Settings:
                           "--repeats", "3"]
             self.estimate = []  # bench_train's default: preactresnet18 and wrn34_10 at batch 128 and 512
             self.compile_methods = ["pgd-at", "pgd-at-te"]
-            # 10,000 = 78 x 128 + 16: an epoch with a smaller last batch, as a real run has
-            self.compile_check = dict(train_size=10_000, test_size=500, batch_size=128, steps=10, epochs=3)
+            # Issue 21, item 3: whole epochs of Trainer.fit (training, per-epoch PGD-10 evaluation on
+            # 2,000 test points, checkpoints), eager and --compile, bf16 + channels_last. 20,000 =
+            # 156 x 128 + 32: a smaller last batch, as a real run has. 4 epochs: the first pays for
+            # compilation, the other 3 give the steady epoch and so the break-even epoch count.
+            self.compile_check = ["--model", "preactresnet18", "--batch-size", "128", "--steps", "10", "--epochs", "4",
+                                  "--train-size", "20000", "--test-size", "2000", "--eval-steps", "10"]
+            self.compile_check_min_s = 150
+            # Issue 21, item 4: 1, 2 and 3 concurrent runs of batch 128 against one run of batch 256
+            # and 384, eager and --compile (CUDA graphs).
+            self.concurrency = ["--model", "preactresnet18", "--steps", "10", "--iters", "20", "--warmup", "2",
+                                "--repeats", "3", "--configs", "1x128", "2x128", "3x128", "1x256", "1x384",
+                                "--variants", "eager", "compile", "--bf16", "--channels-last"]
+            self.concurrency_min_s = 120
+            # Issue 21, item 1: the attack's weight gradients, before/after in one run
+            self.attack_grads = ["--model", "preactresnet18", "--batch-size", "128", "--steps", "10", "--iters", "5",
+                                 "--repeats", "3", "--bf16", "--channels-last"]
             self.profile = ["--model", "preactresnet18", "--batch-size", "128", "--iters", "10"]
             self.reproduce = dict(train_size=None, test_size=None, batch_size=128, steps=10, epochs=30)
             self.reproduce_eval_n, self.reproduce_attacks = 1000, ["all"]
@@ -223,6 +252,66 @@ class Stage:
 
 
 # --------------------------------------------------------------------------- stages
+def compile_summary(runs: dict) -> dict:
+    """Epoch times of the eager and --compile runs (bench_train --full-epoch), and what they imply."""
+    epochs = {}
+    for label, run in runs.items():
+        full = ((run.get("benchmark") or {}).get("full_epoch") or {}).get("pgd-at")
+        epochs[label] = full["epochs"] if full else None
+    if not all(epochs.values()):
+        return {"epoch_seconds": None}
+    total = {k: [e["epoch_total"] for e in v] for k, v in epochs.items()}
+    train = {k: [e["train"] for e in v] for k, v in epochs.items()}
+    evaluation = {k: [e["eval_test"] + e["eval_train"] for e in v] for k, v in epochs.items()}
+    steady = {k: statistics.median(v[1:]) if len(v) > 1 else v[0] for k, v in total.items()}
+    saving = steady["eager"] - steady["compile"]
+    overhead = total["compile"][0] - total["eager"][0]  # compilation (and recording) in epoch 1
+    return {"epoch_seconds": total, "train_seconds": train, "evaluation_seconds": evaluation,
+            "steady_epoch_seconds": steady, "steady_epoch_speedup": steady["eager"] / steady["compile"],
+            "last_epoch_speedup": total["eager"][-1] / total["compile"][-1],
+            "first_epoch_extra_seconds": overhead,
+            # epochs after which --compile has saved its first epoch's extra time (None: it never does)
+            "break_even_epochs": 1 + overhead / saving if saving > 0 else None,
+            "what": "epoch_seconds: whole epochs of Trainer.fit (training with the smaller last batch, per-epoch "
+                    "evaluation, checkpoints); steady: the median of epochs 2 and later"}
+
+
+def stage_runtime(stage: Stage) -> None:
+    """Issue 21, items 3 and 4 first, then item 1's GPU check: the lease's first minutes."""
+    s = stage.settings
+    stage.record["device_name"] = environment().get("device_name")
+    bench = [sys.executable, "-P", str(ROOT / "benchmarks" / "bench_train.py"), "--device", s.device, *s.bench_data]
+    if stage.can_start("train_compile_vs_eager", s.compile_check_min_s):
+        # Does --compile pay in a real run: epochs with a smaller last batch and the per-epoch evaluation,
+        # over enough epochs to see the steady state and the break-even point?
+        runs = {}
+        for label, extra in (("eager", []), ("compile", ["--compile"])):
+            path = stage.work / f"full-epoch-{label}.json"
+            fast = ["--bf16", "--channels-last"] if not s.tiny else []
+            result = run([*bench, *s.compile_check, *fast, *extra, "--full-epoch", "--skip-compare", "--methods",
+                          "pgd-at", "--note", f"benchmarks/gpu/suite.py runtime (train_compile_vs_eager, {label})",
+                          "--output", str(path)], cwd=ROOT, timeout=stage.budget.left())
+            result["benchmark"] = json.loads(path.read_text()) if path.exists() else None
+            runs[label] = result
+        stage.done("train_compile_vs_eager", {"runs": runs, **compile_summary(runs)})
+    if stage.can_start("concurrency", s.concurrency_min_s):
+        path = stage.work / "concurrency.json"
+        left = stage.budget.left()
+        result = run([sys.executable, "-P", str(ROOT / "benchmarks" / "concurrency.py"), "--device", s.device,
+                      *s.bench_data, *s.concurrency, "--budget-s", str(max(left - 15, 1)),
+                      "--note", "benchmarks/gpu/suite.py runtime (concurrency)", "--output", str(path)],
+                     cwd=ROOT, timeout=left)
+        result["benchmark"] = json.loads(path.read_text()) if path.exists() else None
+        stage.done("concurrency", result)
+    if stage.can_start("attack_grads"):
+        path = stage.work / "attack-grads.json"
+        result = run([sys.executable, "-P", str(ROOT / "benchmarks" / "attack_grads.py"), "--device", s.device,
+                      *s.bench_data, *s.attack_grads, "--note", "benchmarks/gpu/suite.py runtime (attack_grads)",
+                      "--output", str(path)], cwd=ROOT, timeout=stage.budget.left())
+        result["benchmark"] = json.loads(path.read_text()) if path.exists() else None
+        stage.done("attack_grads", result)
+
+
 def stage_check(stage: Stage) -> None:
     s, work = stage.settings, stage.work
     env = environment()
@@ -287,20 +376,6 @@ def stage_profile(stage: Stage) -> None:
 def stage_speed(stage: Stage) -> None:
     s = stage.settings
     stage.record["device_name"] = environment().get("device_name")
-    if stage.can_start("train_compile_vs_eager"):
-        # The open question of the second lease (docs/benchmarks.md): does `at-mem train --compile`
-        # gain in an epoch with a smaller last batch, as it does in the benchmark's full batches?
-        runs = {}
-        for label, extra in (("eager", []), ("compile", ["--compile"])):
-            out = stage.work / f"compile-check-{label}"
-            result = at_mem(*s.train_args("pgd-at", out, s.compile_check, "--bf16", "--channels-last", *extra),
-                            cwd=stage.work, timeout=stage.budget.left())
-            result["metrics"] = read_metrics(out)
-            runs[label] = result
-        last = {k: (r["metrics"][-1].get("train_seconds") if r["metrics"] else None) for k, r in runs.items()}
-        stage.done("train_compile_vs_eager", {
-            "runs": runs, "last_epoch_train_seconds": last,
-            "last_epoch_speedup": last["eager"] / last["compile"] if all(last.values()) else None})
     bench = [sys.executable, "-P", str(ROOT / "benchmarks" / "bench_train.py"), "--device", s.device, *s.bench_data,
              *s.bench]
     variants = [("fp32", []),
@@ -368,7 +443,7 @@ def pack_runs(path: Path, work: Path) -> None:
     os.replace(tmp, path)
 
 
-STAGE_FUNCTIONS = {"check": stage_check, "profile": stage_profile, "speed": stage_speed, "reproduce": stage_reproduce}
+STAGE_FUNCTIONS = {"runtime": stage_runtime, "check": stage_check, "profile": stage_profile, "speed": stage_speed, "reproduce": stage_reproduce}
 
 
 def main(argv=None) -> int:

@@ -18,16 +18,7 @@ from at_memorization.methods.pgd_at import PGDAT
 from at_memorization.methods.trades import TRADES
 from at_memorization.runtime import eval_mode
 
-from .loss import TELoss, te_penalty
-
-
-def default_schedule(epochs: int) -> tuple[int, int]:
-    """TE's first epoch and the epoch its weight peaks: the paper's 90 and 150 of 200 epochs, else
-    45% and 75% of the run."""
-    if epochs == 200:
-        return 90, 150
-    start = max(1, round(0.45 * epochs))
-    return start, max(round(0.75 * epochs), start + 1)
+from .loss import TELoss, default_schedule, te_penalty  # noqa: F401  (default_schedule: API)
 
 
 class TemporalEnsembling(Extension):

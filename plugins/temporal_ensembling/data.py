@@ -1,0 +1,126 @@
+"""Sample indices for foreign data pipelines: ``WithIndex`` (items gain their index) and
+``without_index`` (a view of an indexed loader for code that expects the items without it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+INDEX_KEY = "index"
+
+
+def _add_index(item, index: int):
+    if isinstance(item, Mapping):
+        if INDEX_KEY in item:
+            raise ValueError(f"WithIndex: the dataset's items already have a {INDEX_KEY!r} key")
+        return {**item, INDEX_KEY: index}
+    if isinstance(item, (tuple, list)):
+        return (*item, index)
+    return (item, index)
+
+
+def _drop_index(batch):
+    if isinstance(batch, Mapping):
+        if INDEX_KEY not in batch:
+            raise ValueError(f"without_index: the batch has no {INDEX_KEY!r} key "
+                             f"(is its dataset wrapped in WithIndex?)")
+        return {key: value for key, value in batch.items() if key != INDEX_KEY}
+    if isinstance(batch, (tuple, list)):
+        if len(batch) < 2:
+            raise ValueError(f"without_index: a batch of {len(batch)} element(s) has no index to drop "
+                             f"(is its dataset wrapped in WithIndex?)")
+        rest = batch[:-1]  # a list stays a list (DataLoader collates tuples into lists), a tuple a tuple
+        return rest[0] if len(rest) == 1 else rest
+    raise TypeError(f"without_index: expected tuple, list or dict batches, got {type(batch).__name__}")
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """A map-style dataset whose items also carry their index: ``(x, y)`` becomes ``(x, y, index)``.
+
+    >>> train = WithIndex(train_set)
+    >>> for x, y, index in DataLoader(train, batch_size=128, shuffle=True):
+    ...     te.update_from(model, x, index, epoch)
+
+    Tuples and lists get the index appended, dicts an ``"index"`` key, any other item becomes
+    ``(item, index)``. ``len`` is the dataset's, and every other attribute is the wrapped dataset's
+    (``train.classes``, ``train.targets``, a ``set_random_choices()`` method, ...), so code that
+    calls methods on its dataset keeps working; the dataset itself is ``train.dataset``.
+
+    Code that must keep seeing the items without the index (evaluation or recording helpers that
+    unpack ``x, y = batch``) takes ``without_index(loader)``, or a loader over ``train.dataset``.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        Any map-style dataset (``__getitem__`` with integer positions and ``__len__``).
+    """
+
+    def __init__(self, dataset):
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise TypeError("WithIndex needs a map-style dataset (positions 0..len-1); an IterableDataset has no "
+                            "stable sample positions for the TE ensemble")
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"WithIndex needs a map-style dataset with __getitem__ and __len__, got "
+                            f"{type(dataset).__name__}")
+        if isinstance(dataset, WithIndex):
+            raise TypeError("the dataset is already a WithIndex: wrapping it again would add a second index")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, torch.Tensor):
+            index = int(index)
+        return _add_index(self.dataset[index], index)
+
+    def __getattr__(self, name):
+        # Only reached for attributes WithIndex itself lacks. Guarded so that unpickling (DataLoader
+        # workers) and copying, which look attributes up before __init__ ran, do not recurse.
+        dataset = self.__dict__.get("dataset")
+        if dataset is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(dataset, name)
+
+    def __repr__(self) -> str:
+        return f"WithIndex({self.dataset!r})"
+
+
+class _WithoutIndex:
+    """The batches of an indexed loader with the index dropped; see ``without_index``."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield _drop_index(batch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        loader = self.__dict__.get("loader")
+        if loader is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(loader, name)
+
+    def __repr__(self) -> str:
+        return f"without_index({self.loader!r})"
+
+
+def without_index(loader):
+    """A view of ``loader`` whose batches lack the index that ``WithIndex`` added.
+
+    ``(x, y, index)`` batches come out as ``(x, y)``, dict batches without their ``"index"`` key. The
+    view has the loader's ``len`` and attributes (``batch_size``, ``dataset``, ...) and iterates the
+    loader itself, so it sees the same batches (and, for a shuffling loader, draws the same way).
+    Give it to code that unpacks ``x, y = batch``, e.g. an evaluation or recording helper.
+
+    Parameters
+    ----------
+    loader : iterable
+        A loader (or any iterable) of batches from a ``WithIndex`` dataset.
+    """
+    return _WithoutIndex(loader)
