@@ -253,8 +253,8 @@ def train_command(out_dir, config_file, print_config, resume, overrides, allow_d
     given, given_method = {}, {}
     if config_file:
         values = _settings_from_file(config_file, hyperparameters)
-        out_dir = out_dir or values.pop("out", None)
-        device = device or values.pop("device", None)
+        file_out, file_device = values.pop("out", None), values.pop("device", None)
+        out_dir, device = out_dir or file_out, device or file_device  # the command line wins
         given, given_method = read_settings(values, hyperparameters, f"--config {config_file}")
     ctx = click.get_current_context()
     for name, value in options.items():  # the command line wins over the file

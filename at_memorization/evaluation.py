@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import numbers
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +89,8 @@ class _AutoAttackStatus(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
+            if record.levelno >= logging.WARNING:  # pyautoattack's sanity checks: always shown
+                print(f"autoattack warning: {message}", file=sys.stderr, flush=True)
             if message.startswith("robust accuracy after"):
                 self.progress(1)
             if message.startswith("no robust"):

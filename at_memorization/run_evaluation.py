@@ -19,7 +19,7 @@ from .data import load_split
 from . import evaluation
 from .progress import Progress
 from .report import ReportError, eval_record, merge_eval_records, read_json
-from .runfolder import CHECKPOINT_NAMES, RunFolder
+from .runfolder import CHECKPOINT_NAMES, EVAL_DIR, RunFolder
 
 
 class RunEvaluationError(ValueError):
@@ -102,6 +102,21 @@ def evaluate_checkpoint(state: dict, checkpoint: str | Path, options: Evaluation
                        seed=options.seed, device=str(options.device))
 
 
+def _check_writable(folder: Path) -> None:
+    """A real write in ``folder`` (made if need be), or a one-line RunEvaluationError."""
+    import os
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".at-mem-write-probe.", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise RunEvaluationError(f"cannot write the results in {folder} ({error.strerror or error}); "
+                                 f"fix its permissions first") from None
+
+
 def _same_weights(a: dict, b: dict) -> bool:
     if a.get("epoch") != b.get("epoch") or a["model"].keys() != b["model"].keys():
         return False
@@ -131,6 +146,7 @@ def evaluate_run(run_dir: str | Path, options: EvaluationOptions,
             previous[name] = read_json(path) if path.exists() else None
         except ReportError as error:
             raise RunEvaluationError(f"{error}; fix or remove it") from None
+    _check_writable(folder.path / EVAL_DIR)  # before minutes of attacks, not after them
     states = {name: load_checkpoint(folder.file(f"{name}.pt")) for name in names}
     done: dict[str, dict] = {}
     for name in names:

@@ -11,7 +11,7 @@ What a run folder holds::
     best.pt         the epoch with the highest test robust accuracy
     init.pt, labels.pt, tracking.pt, eval/best.json, eval/last.json, .lock
 
-Guarantees (each tested in tests/test_runfolder.py and tests/test_run_safety.py):
+Guarantees (each tested in tests/test_settings_and_run_folder.py and tests/test_run_safety.py):
 
 - Every file is written atomically (a temporary file, fsync, rename): a reader sees the old or the
   new version, never a partial one.

@@ -96,7 +96,7 @@ class Setting:
                 value = [int(v) for v in raw.split(",") if v.strip()]
             else:
                 value = raw
-        except (ValueError, ZeroDivisionError):
+        except (ValueError, ZeroDivisionError, OverflowError):
             raise SettingError(f"{self.label}: {raw!r} is not {self._kind()}") from None
         return self.check(value) if check_bounds else value
 
@@ -122,7 +122,10 @@ class Setting:
         if not ok:
             raise SettingError(f"{self.label}: {value!r} ({type(value).__name__}) is not {self._kind()}")
         if self.type is float:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise SettingError(f"{self.label} must be a finite number, got {value}") from None
         elif self.type is list:
             value = list(value)
         return self.check(value)

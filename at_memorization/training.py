@@ -1,8 +1,8 @@
 """The training loop: optimizer, schedule, AMP/channels_last, DDP, checkpoints, resume, metrics.
 
 The trainer asks the method registry for the method and never branches on its name. Per epoch it
-writes one line to ``metrics.jsonl``, then ``last.pt`` (and ``best.pt`` when the test robust
-accuracy improves; ties broken by clean accuracy). ``resume`` continues from ``last.pt`` exactly:
+writes ``best.pt`` (when the test robust accuracy improves; ties broken by clean accuracy), then
+``last.pt``, then one line of ``metrics.jsonl``. ``resume`` continues from ``last.pt`` exactly:
 model, optimizer, method state, every RNG, and the data order (a pure function of seed and epoch),
 so an interrupted and resumed run ends bit-identical (on CPU) to an uninterrupted one.
 
@@ -387,6 +387,10 @@ class Trainer:
         ckpt.load_weights_into(self.model, state["model"], path, model_name=self.config.model)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
+            # load_state_dict restores the saved hyperparameters too: an --override of momentum or
+            # weight decay must reach the optimizer (the lr is set at every epoch)
+            for group in self.optimizer.param_groups:
+                group["momentum"], group["weight_decay"] = self.config.momentum, self.config.weight_decay
             self.method.load_state_dict(state["method"]["state"])
         except (MethodError, ckpt.CheckpointError):  # already one line, naming the problem
             raise
@@ -681,6 +685,8 @@ class Trainer:
 
     def _fit(self) -> list[dict]:
         folder = self.folder
+        if self.start_epoch > self.config.epochs:  # a finished run: nothing trains, nothing is recorded
+            return self.history
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.start_epoch == 1 and self._partial is None and not folder.holds_run():

@@ -19,6 +19,7 @@ class AnalysisError(ValueError):
 
 # Where each user-facing error class lives (module, class), for matching without importing.
 _USER_ERROR_CLASSES = (("._compat", "RobustBenchUnavailable"), (".checkpoint", "CheckpointError"),
+                       (".checkpoint", "WriteError"),
                        (".data", "DataError"), (".methods.base", "MethodError"),
                        (".methods.registry", "UnknownMethodError"), (".models", "UnknownModelError"),
                        (".run_evaluation", "RunEvaluationError"), (".runfolder", "RunFolderError"),

@@ -364,3 +364,47 @@ def test_every_declared_setting_is_an_option_a_file_key_and_validated():
     from at_memorization.data import DATASETS
 
     assert set(SETTINGS_BY_NAME["dataset"].choices) == set(DATASETS)
+
+
+# --------------------------------------------------------------------------- review mends
+def test_an_override_of_momentum_and_weight_decay_reaches_the_optimizer(finished_run, tmp_path):
+    # Before: the optimizer's saved param groups won over the override (recorded, never applied).
+    from at_memorization.training import Trainer, resume_config
+
+    run = _copy(finished_run, tmp_path)
+    overrides = {"epochs": 4, "momentum": 0.5, "weight_decay": 0.0}
+    config, _ = resume_config(run, overrides)
+    trainer = Trainer(config, run, resume=True, overrides=overrides, device="cpu")
+    try:
+        assert all(g["momentum"] == 0.5 and g["weight_decay"] == 0.0 for g in trainer.optimizer.param_groups)
+    finally:
+        trainer.close()
+
+
+def test_out_and_device_in_a_config_file_yield_to_the_command_line(mnist_dir, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(f'dataset = "mnist"\ndata_dir = "{mnist_dir}"\nout = "{tmp_path / "from-file"}"\ndevice = "cpu"\n')
+    result = invoke("train", "--config", path, "--out", tmp_path / "given", "--device", "cpu", "--print-config")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args", [["--eps", "1e400"], ["--lr", "1" + "0" * 400]])
+def test_overflowing_numbers_are_one_line_errors(args, tmp_path):
+    assert_one_line_error(invoke("train", *args, "--out", tmp_path / "r", "--print-config"), args[0])
+
+
+def test_a_finished_run_resumed_from_python_records_nothing(finished_run, tmp_path):
+    from at_memorization.training import Trainer, resume_config
+
+    run = _copy(finished_run, tmp_path)
+    config, _ = resume_config(run)
+    Trainer(config, run, resume=True, device="cpu").fit()
+    assert _events(run) == []
+
+
+def test_evaluating_a_run_folder_whose_results_cannot_be_written_fails_before_any_attack(finished_run, tmp_path):
+    # Before: a traceback (WriteError) after minutes of attacks. RUN/eval is a file here: unwritable
+    # for root too.
+    run = _copy(finished_run, tmp_path)
+    (run / "eval").write_text("not a folder")
+    assert_one_line_error(invoke("evaluate", run, "--attack", "clean", "--n-examples", 4), "cannot write the results")
