@@ -573,5 +573,46 @@ def report_command(runs, fmt, paired, output):
     click.echo(f"wrote {output}")
 
 
+# --------------------------------------------------------------------------- reproduce
+@main.command("reproduce")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The study's folder: runs/, logs/, report.md, README.md (a rerun continues it).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tasks (runs or evaluations) at once; the CPU threads are split between them.")
+@click.option("--device", "devices", default=None, metavar="DEV[,DEV...]",
+              help="cpu, cuda, cuda:N, or a list: task slot i uses the i-th (mod the list) [default: the plan's, "
+                   "else cuda when available].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per task [default: the CPUs divided by --jobs].")
+@click.option("--data-dir", default=None, help="Where the data is, for every run [default: the plan's].")
+@click.option("--only", "only", multiple=True, metavar="PATTERN",
+              help="Only the runs whose name (ARM-sSEED) matches, e.g. '*-s0' (repeatable); the report covers every "
+                   "finished run.")
+@click.option("--dry-run", is_flag=True, help="List the tasks and what is done; run nothing.")
+@_user_errors
+def reproduce_command(plan, out_dir, jobs, devices, threads, data_dir, only, dry_run):
+    """Train, evaluate and report a whole study from a plan (configs/plans/*.toml).
+
+    Every (arm, seed) run goes to OUT/runs/ARM-sSEED; each run's best and final checkpoints are
+    evaluated as the plan says; OUT/report.md (+ .json), the curves and OUT/README.md follow. The
+    same command again does only what is missing and resumes unfinished runs exactly. Ctrl-C or
+    SIGTERM stops every run at its next step with a checkpoint. Exit status 1 when a task failed
+    (the others still run), 128 + the signal's number when stopped.
+    """
+    from .reproduce import Options, PlanError, ReproduceError, reproduce
+
+    device_list = tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else ()
+    if devices is not None and not device_list:
+        raise click.ClickException("--device: give cpu, cuda, cuda:N or a comma-separated list")
+    options = Options(out=Path(out_dir), jobs=jobs, devices=device_list, threads=threads, data_dir=data_dir,
+                      only=tuple(only), dry_run=dry_run, echo=lambda line: click.echo(line, err=True))
+    try:
+        status = reproduce(plan, options)
+    except (PlanError, ReproduceError) as error:
+        raise click.ClickException(str(error).splitlines()[0]) from None
+    sys.exit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import math
 import pickle
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,35 @@ def _mnist_like(folder: str, torchvision_name: str, classes: list[str]):
     return load
 
 
+_CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_EXACT_FILE = "cifar10_exact_subset.npz"
+
+
+def _load_cifar10_exact(data_dir: Path, train: bool, download: bool):
+    """The exact-pixel CIFAR-10 subset (``cifar10_exact_subset.npz``: 5,169 training images, the first
+    1,017 test images, original pixels and labels). It cannot be downloaded: it is cut from the original
+    batches, so ``data_dir`` must hold the file (or be the file)."""
+    path = data_dir if data_dir.suffix == ".npz" else data_dir / CIFAR10_EXACT_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: expected the exact CIFAR-10 subset file {CIFAR10_EXACT_FILE} "
+                        "(x_train, y_train, x_test, y_test); it cannot be downloaded, use --dataset cifar10 for the full set")
+    split = "train" if train else "test"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            images, labels = archive[f"x_{split}"], archive[f"y_{split}"]
+            classes = [str(c) for c in archive["label_names"]] if "label_names" in archive else _CIFAR10_CLASSES
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: not a readable exact CIFAR-10 subset ({_reason(error)}); "
+                        f"expected arrays x_{split} (N,32,32,3) uint8 and y_{split} (N,)") from error
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise DataError(f"{path}: x_{split} is {images.dtype} {images.shape}, expected uint8 (N, 32, 32, 3)")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{path}: x_{split} holds {len(images)} images but y_{split} holds {labels.size} labels")
+    labels = torch.from_numpy(labels.astype(np.int64))
+    _check_labels(labels, 10, path)
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous(), labels, classes
+
+
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 
 
@@ -345,6 +375,7 @@ DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
         DatasetInfo("cifar10", 10, 3, 32, "crop-flip", _load_cifar10),
+        DatasetInfo("cifar10-exact", 10, 3, 32, "crop-flip", _load_cifar10_exact),
         DatasetInfo("cifar100", 100, 3, 32, "crop-flip", _load_cifar100),
         DatasetInfo("svhn", 10, 3, 32, "none", _load_svhn),
         DatasetInfo("mnist", 10, 1, 28, "none", _mnist_like("mnist", "MNIST", [str(i) for i in range(10)])),

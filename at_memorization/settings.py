@@ -195,7 +195,7 @@ def _s(name, type_, default=None, help="", **kwargs) -> Setting:
 RUN_SETTINGS: tuple[Setting, ...] = (
     _s("method", str, "pgd-at", "Training method (see `at-mem methods`)."),
     _s("dataset", str, "cifar10", "Data set (imagefolder: DIR/train/<class>/*, DIR/test/<class>/*).",
-       choices=("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "imagefolder")),
+       choices=("cifar10", "cifar10-exact", "cifar100", "svhn", "mnist", "fashion-mnist", "imagefolder")),
     _s("data_dir", str, "./data", "Where the data is, or is downloaded to.", free_on_resume=True,
        groups_report=False),
     _s("model", str, "preactresnet18", "A backbone (see `at-mem models`) or any timm model."),
@@ -220,6 +220,13 @@ RUN_SETTINGS: tuple[Setting, ...] = (
        default_help="2/255"),
     _s("steps", int, 10, "Attack steps during training.", minimum=0, overridable=True),
     _s("norm", str, "Linf", "Threat model.", choices=("Linf", "L2")),
+    # A config.json without this key (a run saved before it existed) means "eval", the mode those runs
+    # trained with: resume_settings and the report fill a missing key with the default.
+    _s("attack_bn", str, "eval", "The model's mode during the training attack. eval: BatchNorm uses its running "
+       "statistics and leaves them unchanged, dropout is off (the official TE, TRADES and MART code). train: "
+       "BatchNorm normalizes with each attack batch's statistics and updates its running statistics at every "
+       "attack step, dropout draws masks (Rice et al.'s and AWP's code). The per-epoch evaluation is in eval "
+       "mode either way.", choices=("eval", "train"), overridable=True),
     _s("augment", bool, None, "Standard augmentation (CIFAR: crop+flip; none for SVHN/MNIST).", switch=True,
        derived=_from_preset("augment", True), default_help="on; off with --preset random-labels"),
     _s("label_noise", float, None, "Symmetric label noise rate R in [0,1]; 1 = random labels.",

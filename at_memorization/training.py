@@ -251,6 +251,7 @@ class Trainer:
             self.attack_model = torch.compile(self.model, mode="reduce-overhead" if on_cuda else None, dynamic=False)
             self.train_model = (self.attack_model if self.train_model is self.model
                                 else torch.compile(self.train_model, dynamic=False))
+        self._set_attack_mode(config.attack_bn)
         if on_cuda:  # fixed input shapes: let cuDNN time its convolution algorithms once and keep the fastest
             torch.backends.cudnn.benchmark = True
         # fused: one kernel for the whole parameter update on CUDA (the same SGD arithmetic)
@@ -289,6 +290,27 @@ class Trainer:
         c = self.config
         return TrainingSetup(num_samples=num_samples, num_classes=num_classes, epochs=c.epochs, eps=c.eps,
                              step_size=c.step_size, steps=c.steps, norm=c.norm)
+
+    def _set_attack_mode(self, mode: str) -> None:
+        """The model's mode during the training attack (``--attack-bn``), for every method: set once on
+        the method's attack object, the one ``method.attack`` uses for ``self.attack_model`` at every step
+        (the bare module, or the compiled one; never the DDP wrapper). torchattacks' ``Attack.__call__``
+        switches the model to the mode its ``set_model_training_mode`` names (eval by default) and back
+        after the call. "train" is the whole model in train mode, as Rice et al.'s and AWP's ``attack_pgd``
+        (called with the model in ``model.train()``): BatchNorm normalizes with each attack batch's
+        statistics and updates its running statistics, dropout draws masks. What runs outside the attack
+        object keeps its own mode: TE's ensemble forward (eval, the paper's), the per-epoch evaluation
+        and ``--track-samples`` (eval)."""
+        if mode == "eval":  # torchattacks' default: nothing to set, the step is as before the setting existed
+            return
+        try:
+            attack = self.method.make_attack(self.attack_model)
+        except NotImplementedError:
+            attack = None
+        if not callable(getattr(attack, "set_model_training_mode", None)):
+            raise TrainingError(f"--attack-bn {mode}: method {self.config.method} does not build a torchattacks "
+                                f"attack (build_attack), so its attack mode cannot be set; use --attack-bn eval")
+        attack.set_model_training_mode(model_training=True, batchnorm_training=True, dropout_training=True)
 
     def close(self) -> None:
         """Release the run folder's lock (``fit`` does so when it returns or fails)."""

@@ -146,15 +146,19 @@ def test_speed_stage_summarizes_package_against_reference(tiny_run):
 
 
 @pytest.mark.slow
-def test_reproduce_stage_trains_evaluates_and_packs_records(tiny_run):
+def test_reproduce_stage_runs_the_smoke_plan_and_packs_its_records(tiny_run):
     out, _ = tiny_run
-    steps = _load(out, "reproduce")["steps"]
-    for method in ("pgd-at", "pgd-at-te"):
-        assert steps[f"train_{method}"]["finished"] and steps[f"train_{method}"]["epochs_done"] == 2
-        assert set(steps[f"evaluate_{method}"]["evaluation"]) == {"best", "last"}
+    step = _load(out, "reproduce")["steps"]["reproduce"]
+    assert step["ok"] and step["plan"] == "configs/plans/smoke-mnist.toml"
+    assert "reproduce" in step["command"] and "--jobs 2" in step["command"]
+    assert sorted(step["runs"]) == ["pgd-at-s0", "pgd-at-s1", "pgd-at-te-s0", "pgd-at-te-s1"]
+    assert all([m["epoch"] for m in metrics] == [1, 2] for metrics in step["runs"].values())
+    assert {task["state"] for task in step["status"]["tasks"].values()} == {"done"}
+    assert {row["label"] for row in step["report"]["groups"]} == {"pgd-at", "pgd-at-te"}
     with tarfile.open(out / "runs.tar.gz") as archive:
         names = set(archive.getnames())
-    assert {"reproduce-pgd-at/metrics.jsonl", "reproduce-pgd-at-te/eval/last.json"} <= names
+    assert {"reproduce/runs/pgd-at-s0/metrics.jsonl", "reproduce/runs/pgd-at-te-s1/eval/last.json",
+            "reproduce/report.md", "reproduce/README.md", "reproduce/status.json"} <= names
     assert not any(name.endswith(".pt") for name in names)
 
 

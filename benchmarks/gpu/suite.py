@@ -29,9 +29,11 @@ less than its minimum left is recorded as skipped, with the reason.
 - ``speed``: ``benchmarks/bench_train.py``: the package against the paper-style fp32 reference
   loop in fp32, in bf16+channels_last (with seconds per epoch and MFU of PreActResNet-18 and
   WRN-34-10 at batch 128 and 512), and with ``--compile``.
-- ``reproduce``: the 30-epoch robust-overfitting runs of docs/REPRODUCTION.md (PGD-AT and PGD-AT+TE
-  first, then TRADES and TRADES+TE), each resumed (``--resume``) where an earlier call stopped,
-  best and final checkpoints evaluated; their records are packed into ``DIR/runs.tar.gz``.
+- ``reproduce``: ``at-mem reproduce configs/plans/gpu-suite-cifar10.toml --jobs 2``: PGD-AT and
+  PGD-AT+TE side by side on 10,000 CIFAR-10 (JPEG) images for 30 epochs, best and final checkpoints
+  evaluated, the report written; a second call in the same lease resumes what the first left. The
+  study's records (README, report, logs, each run's config, metrics and evaluations) are packed into
+  ``DIR/runs.tar.gz``.
 
 ``--tiny`` runs every stage on the CPU with MNIST, a small CNN and a few images in seconds: CI
 runs it (tests/test_gpu_suite.py) so that the suite cannot rot between leases.
@@ -163,9 +165,7 @@ class Settings:
                                  "--repeats", "1", "--threads", "1", "--variants", "eager"]
             self.profile = ["--model", "smallcnn", "--batch-size", "16", "--iters", "2", "--steps", "2",
                             "--warmup", "1", "--variants", "eager"]
-            self.reproduce = dict(train_size=64, test_size=32, batch_size=16, steps=2, epochs=2)
-            self.reproduce_eval_n, self.reproduce_attacks = 32, ["clean", "pgd20"]
-            self.reproduce_methods = METHODS[:2]
+            self.reproduce_plan = ROOT / "configs" / "plans" / "smoke-mnist.toml"
             self.min_step_s = 1
         else:
             self.device = "cuda"
@@ -199,9 +199,7 @@ class Settings:
             self.attack_grads = ["--model", "preactresnet18", "--batch-size", "128", "--steps", "10", "--iters", "5",
                                  "--repeats", "3", "--bf16", "--channels-last"]
             self.profile = ["--model", "preactresnet18", "--batch-size", "128", "--iters", "10"]
-            self.reproduce = dict(train_size=None, test_size=None, batch_size=128, steps=10, epochs=30)
-            self.reproduce_eval_n, self.reproduce_attacks = 1000, ["all"]
-            self.reproduce_methods = METHODS
+            self.reproduce_plan = ROOT / "configs" / "plans" / "gpu-suite-cifar10.toml"
             self.min_step_s = 45
         self.device = device or self.device
 
@@ -409,37 +407,40 @@ def speed_summary(steps: dict) -> dict:
 
 
 def stage_reproduce(stage: Stage) -> None:
+    """``at-mem reproduce`` with the suite's plan (configs/plans/gpu-suite-cifar10.toml; --tiny:
+    smoke-mnist.toml), two runs at a time on the one device. A time limit ends it with SIGTERM, so
+    the runs save their checkpoints and a later call of the stage in the same lease resumes them."""
     s, work = stage.settings, stage.work
     stage.record["device_name"] = environment().get("device_name")
-    for method in s.reproduce_methods:
-        step = f"train_{method}"
-        if not stage.can_start(step):
-            continue
-        out = work / f"reproduce-{method}"
-        resume = ["--resume"] if (out / "last.pt").exists() else []
-        result = at_mem(*s.train_args(method, out, s.reproduce, "--bf16", "--channels-last", *resume), cwd=work,
-                        timeout=stage.budget.left() - 10)
-        metrics = read_metrics(out)
-        result.update(epochs_done=len(metrics), finished=len(metrics) >= s.reproduce["epochs"], metrics=metrics)
-        stage.done(step, result)
-        if result["finished"] and stage.can_start(f"evaluate_{method}", 30):
-            attacks = [a for attack in s.reproduce_attacks for a in ("--attack", attack)]
-            result = at_mem("evaluate", out, *attacks, "--n-examples", s.reproduce_eval_n,
-                            "--device", s.device, "--batch-size", 1000, cwd=work, timeout=stage.budget.left() - 10)
-            result["evaluation"] = {name: json.loads((out / "eval" / f"{name}.json").read_text())
-                                    for name in ("best", "last") if (out / "eval" / f"{name}.json").exists()}
-            stage.done(f"evaluate_{method}", result)
-        pack_runs(stage.out / "runs.tar.gz", work)
+    if not stage.can_start("reproduce"):
+        return
+    out = work / "reproduce"
+    data_dir = s.data[s.data.index("--data-dir") + 1]
+    limit = max(1, int(stage.budget.left() - 20))
+    # timeout: SIGTERM at the limit (reproduce stops every run with a checkpoint), SIGKILL 15 s later.
+    command = ["timeout", "-k", "15", str(limit), sys.executable, "-P", "-m", "at_memorization", "reproduce",
+               str(s.reproduce_plan), "--out", str(out), "--jobs", "2", "--device", s.device, "--data-dir", data_dir]
+    result = run(command, cwd=work, timeout=limit + 30)
+    status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {}
+    result.update(plan=str(s.reproduce_plan.relative_to(ROOT)), status=status,
+                  runs={run_dir.name: read_metrics(run_dir) for run_dir in sorted((out / "runs").glob("*"))
+                        if run_dir.is_dir()})
+    for name in ("report.json",):
+        if (out / name).exists():
+            result[name.split(".")[0]] = json.loads((out / name).read_text())
+    stage.done("reproduce", result)
+    pack_runs(stage.out / "runs.tar.gz", out)
 
 
-def pack_runs(path: Path, work: Path) -> None:
-    """The run records (not the checkpoints: they are too large to come back) as one archive."""
+def pack_runs(path: Path, study: Path) -> None:
+    """The study's records (not the checkpoints: they are too large to come back) as one archive:
+    README.md, report.md/json, status.json, logs, and each run's config.json, metrics.jsonl, eval/."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tarfile.open(tmp, "w:gz") as archive:
-        for run_dir in sorted(work.glob("reproduce-*")):
-            for file in sorted(run_dir.rglob("*")):
-                if file.is_file() and file.suffix in (".json", ".jsonl", ".log", ".txt"):
-                    archive.add(file, arcname=str(file.relative_to(work)))
+        if study.is_dir():
+            for file in sorted(study.rglob("*")):
+                if file.is_file() and file.suffix in (".json", ".jsonl", ".log", ".txt", ".md", ".toml", ".png"):
+                    archive.add(file, arcname=str(Path(study.name) / file.relative_to(study)))
     os.replace(tmp, path)
 
 

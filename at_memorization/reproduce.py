@@ -1,0 +1,1030 @@
+"""``at-mem reproduce PLAN.toml --out DIR``: a whole table from one command.
+
+A plan (``configs/plans/*.toml``) names the runs of a study (its arms, i.e. methods with their
+settings, times its seeds), the evaluations of their checkpoints, and the report. This module reads
+and checks a plan, works out which runs and evaluations are done from the files in ``DIR`` (so a
+rerun does only what is missing, and an interrupted run resumes exactly), and runs the rest as child
+``at-mem train`` / ``at-mem evaluate`` processes, ``--jobs`` at a time, each with its share of the CPU
+threads and a device of its own when several are given. Then it writes ``DIR/report.md`` (+ json),
+the curves and ``DIR/README.md``.
+
+Why child processes rather than calls: a run that fails (diverges, runs out of memory, meets a
+bug) ends its own process and nothing else; each child owns its run folder's lock and its own
+signal handling, which already stops at a step with a checkpoint; and thread counts are per process.
+
+The layout of ``DIR``::
+
+    plan.toml             the plan as given (a later call with another plan is refused)
+    status.json           per task: state, attempts, seconds, exit status, error; per call: times
+    settings/NAME.json    the settings of run NAME (what ``at-mem train --config`` reads)
+    runs/NAME/            the run folders (NAME = ARM-sSEED)
+    logs/NAME.train.log   the children's output; logs/NAME.eval-K.log per evaluation
+    report.md, report.json, curves-by-method.png, memorization.json (when asked), README.md
+
+This module imports no torch: planning, ``--dry-run`` and a rerun with nothing to do are instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fnmatch
+import hashlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .runlock import RunLock, RunLockError
+from .report import ReportError, best_record, group_runs, read_run  # reading run folders needs no torch
+from .settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings
+
+ATTACKS = ("clean", "pgd20", "cw", "autoattack")
+# The children: this Python's at-mem. -P (3.11+): the working folder must not shadow the installed
+# package (a source checkout's folder lacks the installed layout's at_memorization.plugins).
+_AT_MEM = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "at_memorization"]
+CHECKPOINTS = ("best", "last")
+PLAN_KEYS = {"name", "description", "base", "methods", "seeds", "device", "settings", "arms", "evaluate", "report"}
+EVALUATE_KEYS = {"checkpoints", "attacks", "n_examples", "seeds", "arms", "batch_size"}
+REPORT_KEYS = {"paired", "late_after", "plot_seed"}
+STATUS_FORMAT = 1
+
+
+class PlanError(ValueError):
+    """A plan that cannot be run as written; the message names the file and the key."""
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Arm:
+    """One row of the table: a method with its settings."""
+
+    name: str
+    method: str
+    settings: dict  # the arm's own settings, over the plan's
+    seeds: tuple[int, ...] | None = None  # None: the plan's seeds
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    index: int  # its position in the plan (names its log)
+    checkpoints: tuple[str, ...]
+    attacks: tuple[str, ...]
+    n_examples: int
+    seeds: tuple[int, ...] | None  # None: every seed
+    arms: tuple[str, ...] | None  # None: every arm
+    batch_size: int | None = None
+
+    def applies_to(self, arm: str, seed: int) -> bool:
+        return (self.seeds is None or seed in self.seeds) and (self.arms is None or arm in self.arms)
+
+    def describe(self) -> str:
+        return f"{'+'.join(self.attacks)} on {self.n_examples} test points, {','.join(self.checkpoints)}"
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    arm: Arm
+    seed: int
+    given: dict  # run settings as given (what the settings file holds), method and seed included
+    given_method: dict  # the method's own settings
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm.name}-s{self.seed}"
+
+    def settings_document(self) -> dict:
+        return {**self.given, "method_args": dict(self.given_method)}
+
+
+@dataclass
+class Plan:
+    path: Path
+    name: str
+    description: str
+    text: str
+    arms: list[Arm]
+    seeds: list[int]
+    device: str | None
+    runs: list[PlannedRun]
+    evaluations: list[EvaluationSpec]
+    paired: list[str]
+    late_after: int | None
+    plot_seed: int | None
+    track_samples: bool
+
+
+def _where(path: Path, key: str) -> str:
+    return f"{path}: {key}"
+
+
+def _list_of(value, kind, path: Path, key: str, *, allow_empty=False) -> list:
+    if isinstance(value, kind) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or (not value and not allow_empty) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise PlanError(f"{_where(path, key)} must be a list of {kind.__name__} values, got {value!r}")
+    return value
+
+
+def _read_toml(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PlanError(f"{what} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise PlanError(f"{what} {path}: cannot read it ({error})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise PlanError(f"{what} {path}: not valid TOML ({str(error).splitlines()[0]})") from None
+
+
+def _base_settings(plan_path: Path, base: str) -> dict:
+    """The base config's settings: a path relative to the plan file (or to the working folder)."""
+    candidates = [plan_path.parent / base, Path(base)]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise PlanError(f"{_where(plan_path, 'base')}: {base!r} not found next to the plan or in the working folder")
+    raw = _read_toml(found, "base config")
+    # A configs/ file names its method, its output folder and device: the plan's arms, DIR and
+    # --device decide those.
+    for key in ("method", "out", "device"):
+        raw.pop(key, None)
+    return raw
+
+
+def _method_infos() -> dict:
+    from .method_catalog import method_catalog
+
+    return {m.name: m for m in method_catalog() if m.error is None}
+
+
+def read_plan(path: str | Path, *, methods: dict | None = None) -> Plan:
+    """Read and check a plan file: every run's settings are checked as ``at-mem train`` checks them,
+    before anything runs. ``methods``: name -> MethodInfo (default: the installed methods)."""
+    path = Path(path)
+    raw = _read_toml(path, "plan")
+    text = path.read_text()
+    unknown = sorted(set(raw) - PLAN_KEYS)
+    if unknown:
+        raise PlanError(f"{_where(path, unknown[0])}: unknown key (a plan has {', '.join(sorted(PLAN_KEYS))}; "
+                        "run settings go in [settings] or [arms.NAME])")
+    methods = _method_infos() if methods is None else methods
+    name = raw.get("name", path.stem)
+    description = raw.get("description", "")
+    if not isinstance(name, str) or not name or not isinstance(description, str):
+        raise PlanError(f"{_where(path, 'name')}/description must be text")
+    seeds = _list_of(raw.get("seeds", [0]), int, path, "seeds")
+    if len(set(seeds)) != len(seeds):
+        raise PlanError(f"{_where(path, 'seeds')}: a seed is listed twice ({seeds})")
+    device = raw.get("device")
+    if device is not None and not isinstance(device, str):
+        raise PlanError(f"{_where(path, 'device')} must be text such as \"cpu\" or \"cuda\"")
+
+    common = {}
+    if "base" in raw:
+        if not isinstance(raw["base"], str):
+            raise PlanError(f"{_where(path, 'base')} must be the path of a config file")
+        common.update(_base_settings(path, raw["base"]))
+    settings_table = raw.get("settings", {})
+    if not isinstance(settings_table, dict):
+        raise PlanError(f"{_where(path, 'settings')} must be a table of run settings")
+    common.update(settings_table)
+    for key in ("method", "seed"):
+        if key in common:
+            raise PlanError(f"{_where(path, key)}: the plan's `methods`/[arms] and `seeds` set it, not [settings] "
+                            "or the base config")
+    common.pop("method", None)
+
+    arms = _read_arms(path, raw, methods, seeds)
+    hyperparameters = {}
+    for info in methods.values():
+        for h in info.hyperparameters:
+            hyperparameters.setdefault(h.name, h)
+    # A method setting in [settings] applies to the arms whose method has it; one that no arm's
+    # method has is a mistake (a typo, or a setting of a method the plan does not train).
+    for key in common:
+        normal = key.replace("-", "_")
+        if normal in SETTINGS_BY_NAME or normal == "method_args":
+            continue
+        if normal not in hyperparameters:
+            raise PlanError(f"{_where(path, 'settings')}: unknown setting {key!r} (see `at-mem train --help`)")
+        if not any(normal in {h.name for h in methods[a.method].hyperparameters} for a in arms):
+            raise PlanError(f"{_where(path, 'settings')}: {key!r} is a setting of no method in this plan")
+
+    runs = []
+    for seed in seeds:
+        for arm in arms:
+            if arm.seeds is not None and seed not in arm.seeds:
+                continue
+            accepted = {h.name: h for h in methods[arm.method].hyperparameters}
+            values = {k: v for k, v in common.items()
+                      if k.replace("-", "_") in SETTINGS_BY_NAME or k.replace("-", "_") in accepted}
+            values.update(arm.settings)
+            source = f"{path} (arm {arm.name})"
+            try:
+                given, given_method = read_settings(values, accepted, source)
+                given.update(method=arm.method, seed=seed)
+                RunConfig(**given, method_args=given_method).validate()
+            except SettingError as error:
+                raise PlanError(str(error).splitlines()[0]) from None
+            runs.append(PlannedRun(arm, seed, given, given_method))
+    evaluations = _read_evaluations(path, raw.get("evaluate", []), arms, seeds)
+    paired, late_after, plot_seed = _read_report(path, raw.get("report", {}), arms)
+    track = all(bool(run.given.get("track_samples")) for run in runs)
+    if late_after is not None and not track:
+        raise PlanError(f"{_where(path, 'report.late_after')}: needs track_samples = true for every run")
+    return Plan(path, name, description, text, arms, seeds, device, runs, evaluations, paired, late_after,
+                plot_seed, track)
+
+
+def _read_arms(path: Path, raw: dict, methods: dict, seeds: list[int]) -> list[Arm]:
+    listed = raw.get("methods", [])
+    listed = _list_of(listed, str, path, "methods", allow_empty=True)
+    tables = raw.get("arms", {})
+    if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
+        raise PlanError(f"{_where(path, 'arms')} must hold tables: [arms.NAME] with method = \"...\" and settings")
+    names = list(dict.fromkeys([*listed, *tables]))
+    if len(names) != len(listed) + len([t for t in tables if t not in listed]) or len(set(listed)) != len(listed):
+        raise PlanError(f"{_where(path, 'methods')}: a method is listed twice ({listed})")
+    if not names:
+        raise PlanError(f"{path}: no runs: give methods = [...] or [arms.NAME] tables")
+    arms = []
+    for name in names:
+        table = dict(tables.get(name, {}))
+        method = table.pop("method", name)
+        if not isinstance(method, str) or method not in methods:
+            known = ", ".join(sorted(methods))
+            raise PlanError(f"{_where(path, f'arms.{name}.method' if name in tables else 'methods')}: unknown method "
+                            f"{method!r} (installed: {known})")
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise PlanError(f"{_where(path, f'arms.{name}')}: an arm's name names folders: use letters, digits, - _ .")
+        for key in ("seed", "out", "device"):
+            if key in table:
+                raise PlanError(f"{_where(path, f'arms.{name}.{key}')}: not an arm's setting (the plan sets it)")
+        own_seeds = table.pop("seeds", None)  # e.g. a side measurement on seed 0 only
+        if own_seeds is not None:
+            own_seeds = _list_of(own_seeds, int, path, f"arms.{name}.seeds")
+            missing = [s for s in own_seeds if s not in seeds]
+            if missing:
+                raise PlanError(f"{_where(path, f'arms.{name}.seeds')}: seed {missing[0]} is not among the plan's "
+                                f"seeds {seeds}")
+            own_seeds = tuple(own_seeds)
+        arms.append(Arm(name, method, table, own_seeds))
+    return arms
+
+
+def _read_evaluations(path: Path, tables, arms: list[Arm], seeds: list[int]) -> list[EvaluationSpec]:
+    if isinstance(tables, dict):
+        tables = [tables]
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise PlanError(f"{_where(path, 'evaluate')}: write [[evaluate]] tables")
+    arm_names = [a.name for a in arms]
+    specs = []
+    for i, table in enumerate(tables):
+        key = f"evaluate[{i}]"
+        unknown = sorted(set(table) - EVALUATE_KEYS)
+        if unknown:
+            raise PlanError(f"{_where(path, f'{key}.{unknown[0]}')}: unknown key (use {', '.join(sorted(EVALUATE_KEYS))})")
+        checkpoints = _list_of(table.get("checkpoints", list(CHECKPOINTS)), str, path, f"{key}.checkpoints")
+        attacks = _list_of(table.get("attacks", ["clean", "pgd20", "cw"]), str, path, f"{key}.attacks")
+        if "all" in attacks:
+            attacks = list(ATTACKS)
+        for name, allowed, values in (("checkpoints", CHECKPOINTS, checkpoints), ("attacks", ATTACKS, attacks)):
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise PlanError(f"{_where(path, f'{key}.{name}')}: unknown {bad[0]!r} (use {', '.join(allowed)})")
+        n = table.get("n_examples", 10000)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PlanError(f"{_where(path, f'{key}.n_examples')} must be a positive integer, got {n!r}")
+        batch_size = table.get("batch_size")
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+            raise PlanError(f"{_where(path, f'{key}.batch_size')} must be a positive integer, got {batch_size!r}")
+        only_seeds = table.get("seeds")
+        if only_seeds is not None:
+            only_seeds = _list_of(only_seeds, int, path, f"{key}.seeds")
+            missing = [s for s in only_seeds if s not in seeds]
+            if missing:
+                raise PlanError(f"{_where(path, f'{key}.seeds')}: seed {missing[0]} is not among the plan's seeds {seeds}")
+        only_arms = table.get("arms")
+        if only_arms is not None:
+            only_arms = _list_of(only_arms, str, path, f"{key}.arms")
+            missing = [a for a in only_arms if a not in arm_names]
+            if missing:
+                raise PlanError(f"{_where(path, f'{key}.arms')}: no arm {missing[0]!r} (arms: {', '.join(arm_names)})")
+        specs.append(EvaluationSpec(i, tuple(c for c in CHECKPOINTS if c in checkpoints),
+                                    tuple(a for a in ATTACKS if a in attacks), n,
+                                    None if only_seeds is None else tuple(only_seeds),
+                                    None if only_arms is None else tuple(only_arms), batch_size))
+    return specs
+
+
+def _read_report(path: Path, table, arms: list[Arm]):
+    if not isinstance(table, dict):
+        raise PlanError(f"{_where(path, 'report')} must be a table")
+    unknown = sorted(set(table) - REPORT_KEYS)
+    if unknown:
+        raise PlanError(f"{_where(path, f'report.{unknown[0]}')}: unknown key (use {', '.join(sorted(REPORT_KEYS))})")
+    paired = _list_of(table.get("paired", []), str, path, "report.paired", allow_empty=True)
+    names = {a.name for a in arms}
+    for spec in paired:
+        base, _, other = spec.partition(":")
+        if not other or base not in names or other not in names:
+            raise PlanError(f"{_where(path, 'report.paired')}: {spec!r} must be BASE:OTHER, two of the plan's arms "
+                            f"({', '.join(a.name for a in arms)})")
+    late_after = table.get("late_after")
+    if late_after is not None and (not isinstance(late_after, int) or isinstance(late_after, bool) or late_after < 0):
+        raise PlanError(f"{_where(path, 'report.late_after')} must be an epoch number, got {late_after!r}")
+    plot_seed = table.get("plot_seed")
+    if plot_seed is not None and (not isinstance(plot_seed, int) or isinstance(plot_seed, bool)):
+        raise PlanError(f"{_where(path, 'report.plot_seed')} must be a seed, got {plot_seed!r}")
+    return paired, late_after, plot_seed
+
+
+# --------------------------------------------------------------------------- what is done
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill: the trainer repairs it on resume
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class RunState:
+    """What the files of one run folder say (read without torch)."""
+
+    epochs_done: int = 0
+    epochs: int | None = None
+    best_epoch: int | None = None
+    has_checkpoint: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.has_checkpoint and self.epochs is not None and self.epochs_done >= self.epochs
+
+
+def run_state(run_dir: Path) -> RunState:
+    config = _read_json(run_dir / "config.json")
+    epochs = None
+    if isinstance(config, dict) and isinstance(config.get("config"), dict):
+        epochs = config["config"].get("epochs")
+    records = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if isinstance(r.get("epoch"), int)]
+    try:
+        best = best_record(records) if records else None  # the rule the trainer and the report use
+    except ReportError:  # no evaluated epoch yet
+        best = None
+    return RunState(epochs_done=max((r["epoch"] for r in records), default=0), epochs=epochs,
+                    best_epoch=None if best is None else best["epoch"],
+                    has_checkpoint=(run_dir / "last.pt").is_file())
+
+
+def missing_attacks(run_dir: Path, spec: EvaluationSpec, state: RunState) -> dict[str, list[str]]:
+    """checkpoint -> the spec's attacks that RUN/eval/<checkpoint>.json does not hold yet, at the
+    spec's number of points and for the checkpoint's current epoch."""
+    missing = {}
+    for checkpoint in spec.checkpoints:
+        record = _read_json(run_dir / "eval" / f"{checkpoint}.json")
+        epoch = state.epochs_done if checkpoint == "last" else state.best_epoch
+        if not isinstance(record, dict) or record.get("epoch") != epoch:
+            missing[checkpoint] = list(spec.attacks)
+            continue
+        counts = record.get("n_examples_by_attack") or {}
+        todo = [a for a in spec.attacks if f"{a}_acc" not in record or counts.get(a, record.get("n_examples"))
+                != spec.n_examples]
+        if todo:
+            missing[checkpoint] = todo
+    return missing
+
+
+# --------------------------------------------------------------------------- tasks
+@dataclass
+class Task:
+    key: str  # "NAME/train" or "NAME/eval-K"
+    run: PlannedRun
+    kind: str  # "train" or "eval"
+    spec: EvaluationSpec | None = None
+    state: str = "pending"  # pending, done, failed, skipped, running
+    detail: str = ""
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    slot: int = -1
+    log: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.run.name}" + ("" if self.spec is None else f" ({self.spec.describe()})")
+
+
+@dataclass
+class Options:
+    out: Path
+    jobs: int = 1
+    devices: tuple[str, ...] = ()
+    threads: int | None = None
+    data_dir: str | None = None
+    only: tuple[str, ...] = ()
+    dry_run: bool = False
+    echo: Callable[[str], None] = print
+    poll_seconds: float = 0.5
+
+
+class ReproduceError(ValueError):
+    """A call that cannot go on (another plan in DIR, a bad option): one line."""
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _write_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temporary, 0o666 & ~mask)  # mkstemp made it 0600: the mode of every other file of DIR
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def machine_description(devices: tuple[str, ...]) -> dict:
+    """The machine in plain values, without importing torch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        info["torch"] = version("torch")
+    except Exception:  # noqa: BLE001  (metadata only)
+        pass
+    if any(d.startswith("cuda") for d in devices) or not devices:
+        try:
+            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=20, check=True).stdout.split("\n")
+            gpus = [n.strip() for n in names if n.strip()]
+            if gpus:
+                info["gpus"] = gpus
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+class Reproduction:
+    """One call of ``at-mem reproduce``: the plan, DIR, the tasks and their children."""
+
+    def __init__(self, plan: Plan, options: Options):
+        self.plan, self.options = plan, options
+        self.out = options.out
+        self.runs_dir, self.logs_dir, self.settings_dir = self.out / "runs", self.out / "logs", self.out / "settings"
+        self.status_path = self.out / "status.json"
+        self.status = self._read_status()
+        self.stop_signal: int | None = None
+        self.interrupts = 0
+        self.devices = options.devices or ((plan.device,) if plan.device else ())
+        self.tasks = self._make_tasks()
+        self.ran_any = False
+
+    # -- DIR and its status file
+    def _read_status(self) -> dict:
+        status = _read_json(self.status_path)
+        if not isinstance(status, dict) or status.get("format") != STATUS_FORMAT:
+            status = {"format": STATUS_FORMAT, "plan": None, "tasks": {}, "calls": []}
+        status.setdefault("tasks", {})
+        status.setdefault("calls", [])
+        return status
+
+    def _save_status(self) -> None:
+        if not self.options.dry_run:
+            _write_atomic(json.dumps(self.status, indent=2) + "\n", self.status_path)
+
+    def check_out_dir(self) -> None:
+        """DIR is new, or holds this plan: another plan's runs must not be mixed into its table."""
+        saved = self.out / "plan.toml"
+        if self.out.exists() and not self.out.is_dir():
+            raise ReproduceError(f"--out {self.out}: a file is in the way (give a folder)")
+        if saved.is_file():
+            if saved.read_text() != self.plan.text:
+                raise ReproduceError(
+                    f"{self.out} holds the runs of another plan ({saved} differs from {self.plan.path}): give another "
+                    f"--out, or copy {self.plan.path} over {saved} if the change is meant to apply to these runs (each "
+                    "run's settings are still checked against its saved ones)")
+        elif self.out.is_dir() and any(self.out.iterdir()):
+            raise ReproduceError(f"--out {self.out} is not empty and holds no plan.toml: give a new folder")
+
+    # -- tasks
+    def _selected(self, run: PlannedRun) -> bool:
+        return not self.options.only or any(fnmatch.fnmatchcase(run.name, p) for p in self.options.only)
+
+    def _make_tasks(self) -> list[Task]:
+        tasks = []
+        for run in self.plan.runs:
+            if not self._selected(run):
+                continue
+            tasks.append(Task(f"{run.name}/train", run, "train"))
+            for spec in self.plan.evaluations:
+                if spec.applies_to(run.arm.name, run.seed):
+                    tasks.append(Task(f"{run.name}/eval-{spec.index}", run, "eval", spec))
+        return tasks
+
+    def run_dir(self, run: PlannedRun) -> Path:
+        return self.runs_dir / run.name
+
+    def refresh(self) -> None:
+        """Mark what the files say is done (a task may have been done by another call)."""
+        for task in self.tasks:
+            if task.state in ("running", "failed", "skipped"):
+                continue
+            state = run_state(self.run_dir(task.run))
+            if task.kind == "train":
+                task.state = "done" if state.finished else "pending"
+                if state.has_checkpoint and not state.finished:
+                    task.detail = f"resumes after epoch {state.epochs_done} of {state.epochs}"
+            else:
+                if state.finished and not missing_attacks(self.run_dir(task.run), task.spec, state):
+                    task.state = "done"
+                else:
+                    task.state = "pending"
+
+    def _train_task(self, run: PlannedRun) -> Task:
+        return next(t for t in self.tasks if t.run is run and t.kind == "train")
+
+    def _ready(self) -> list[Task]:
+        # One task per run folder at a time: two evaluations of a run would both rewrite its
+        # eval/<checkpoint>.json (each merging into what it read before the other wrote).
+        busy = {t.run.name for t in self.tasks if t.state == "running"}
+        ready = []
+        for task in self.tasks:
+            if task.state != "pending":
+                continue
+            if task.kind == "eval":
+                train = self._train_task(task.run)
+                if train.state in ("failed", "skipped"):
+                    task.state, task.detail = "skipped", "its training failed"
+                    continue
+                if train.state != "done":
+                    continue
+            if task.run.name not in busy:
+                busy.add(task.run.name)
+                ready.append(task)
+        # Evaluations first: a finished run's numbers come before the next run starts.
+        return sorted(ready, key=lambda t: t.kind != "eval")
+
+    def _command(self, task: Task, device: str | None) -> list[str]:
+        run_dir = self.run_dir(task.run)
+        base = _AT_MEM
+        if task.kind == "train":
+            settings = self.settings_dir / f"{task.run.name}.json"
+            command = [*base, "train", "--config", str(settings), "--out", str(run_dir), "--quiet"]
+            if run_state(run_dir).has_checkpoint:
+                command.append("--resume")
+            if self.options.data_dir:
+                command += ["--data-dir", self.options.data_dir]
+        else:
+            state = run_state(run_dir)
+            missing = missing_attacks(run_dir, task.spec, state)
+            attacks = [a for a in ATTACKS if any(a in todo for todo in missing.values())]
+            command = [*base, "evaluate", str(run_dir), "--checkpoints", ",".join(missing),
+                       "--n-examples", str(task.spec.n_examples)]
+            for attack in attacks:
+                command += ["--attack", attack]
+            if task.spec.batch_size:
+                command += ["--batch-size", str(task.spec.batch_size)]
+            if self.options.data_dir:
+                command += ["--data-dir", self.options.data_dir]
+        if device:
+            command += ["--device", device]
+        return command
+
+    def _threads(self) -> int:
+        if self.options.threads:
+            return self.options.threads
+        return max(1, (os.cpu_count() or 1) // max(1, min(self.options.jobs, len(self.tasks) or 1)))
+
+    def _start(self, task: Task, slot: int) -> None:
+        device = self.devices[slot % len(self.devices)] if self.devices else None
+        if task.kind == "train":
+            _write_atomic(json.dumps(task.run.settings_document(), indent=2) + "\n",
+                          self.settings_dir / f"{task.run.name}.json")
+        command = self._command(task, device)
+        threads = self._threads()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "PYTHONUNBUFFERED": "1"}
+        suffix = "train" if task.kind == "train" else f"eval-{task.spec.index}"
+        task.log = self.logs_dir / f"{task.run.name}.{suffix}.log"
+        task.log.parent.mkdir(parents=True, exist_ok=True)
+        self.run_dir(task.run).parent.mkdir(parents=True, exist_ok=True)
+        with task.log.open("a") as log:
+            log.write(f"\n# {_now()}: {' '.join(command)} (OMP_NUM_THREADS={threads})\n")
+            log.flush()
+            # A session of its own: the terminal's Ctrl-C reaches this process only, which then
+            # stops every child the way it chooses (SIGTERM: each writes its checkpoint).
+            task.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True, stdin=subprocess.DEVNULL,
+                                            preexec_fn=_stop_with_parent)
+        if self.stop_signal is not None:  # the stop came while Popen ran: _on_signal did not see this child
+            _signal(task.process, signal.SIGTERM)
+        task.state, task.started, task.slot = "running", time.monotonic(), slot
+        record = self.status["tasks"].setdefault(task.key, {"seconds": 0.0, "attempts": 0})
+        record["attempts"] += 1
+        record.update(state="running", started=_now(), command=command, log=str(task.log.relative_to(self.out)))
+        self._save_status()
+        where = f" on {device}" if device else ""
+        note = f", {task.detail}" if task.kind == "train" and task.detail else ""
+        self.options.echo(f"[{self._counts()}] started {task.label}{where}, {threads} thread"
+                          f"{'s' if threads > 1 else ''}{note}; log: {task.log}")
+
+    def _counts(self) -> str:
+        done = sum(t.state == "done" for t in self.tasks)
+        return f"{done}/{len(self.tasks)} done"
+
+    def _finish(self, task: Task, code: int) -> None:
+        seconds = time.monotonic() - task.started
+        record = self.status["tasks"][task.key]
+        record["seconds"] = round(record.get("seconds", 0.0) + seconds, 1)
+        record["exit_status"] = code
+        record["ended"] = _now()
+        task.process = None
+        # After a stop request every child that ends without finishing was stopped by it (one still
+        # importing dies of the signal itself, exit status -15), not failed.
+        stopped = self.stop_signal is not None
+        state = run_state(self.run_dir(task.run))
+        complete = state.finished if task.kind == "train" else not missing_attacks(
+            self.run_dir(task.run), task.spec, state)
+        if code == 0 or (stopped and complete):  # complete files: done, whatever ended it after the stop
+            if complete:
+                task.state = record["state"] = "done"
+                record.pop("error", None)
+                self.options.echo(f"[{self._counts()}] done {task.label} in {_format_seconds(seconds)}")
+            else:  # exit 0 without the files (e.g. a signal after the last step): try again next call
+                task.state = record["state"] = "stopped" if self.stop_signal else "failed"
+                record["error"] = "exited without completing its files"
+                if not self.stop_signal:
+                    self.options.echo(f"[{self._counts()}] FAILED {task.label}: {record['error']}; log: {task.log}")
+        elif stopped:
+            task.state = record["state"] = "stopped"
+            saved = task.kind == "train" and run_state(self.run_dir(task.run)).has_checkpoint
+            self.options.echo(f"stopped {task.label} after {_format_seconds(seconds)}"
+                              + (f" (its checkpoint is in {self.run_dir(task.run)})" if saved else ""))
+        else:
+            task.state = record["state"] = "failed"
+            record["error"] = last_error_line(task.log) or f"exit status {code}"
+            self.options.echo(f"[{self._counts()}] FAILED {task.label} (exit status {code}): {record['error']}; "
+                              f"log: {task.log}")
+        self._save_status()
+
+    # -- signals
+    def _on_signal(self, signum, frame) -> None:
+        self.interrupts += 1
+        name = signal.Signals(signum).name
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            running = [t for t in self.tasks if t.process is not None]
+            self.options.echo(f"\n{name}: stopping {len(running)} running task(s); each run saves a checkpoint "
+                              "(again to stop at once) ...")
+            for task in running:
+                _signal(task.process, signal.SIGTERM)
+        else:  # a second signal: the children stop at once (their files on disk stay complete)
+            for task in self.tasks:
+                if task.process is not None:
+                    _signal(task.process, signal.SIGINT)
+
+    # -- the loop
+    def execute(self) -> int:
+        """Run what is missing; returns the exit status (0, 1 when a task failed, 128 + signal)."""
+        self.refresh()
+        pending = [t for t in self.tasks if t.state == "pending"]
+        if self.options.dry_run:
+            self._print_plan()
+            return 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.out).acquire() if pending else None  # one call per DIR at a time
+        if not (self.out / "plan.toml").is_file():
+            _write_atomic(self.plan.text, self.out / "plan.toml")
+        call = {"started": _now(), "jobs": self.options.jobs, "devices": list(self.devices),
+                "threads": self._threads(), "machine": machine_description(self.devices),
+                "command": " ".join(sys.argv) if sys.argv else ""}
+        if pending:  # a call that runs nothing is not recorded (and changes no file)
+            self.status["plan"] = str(self.plan.path)
+            self.status["calls"].append(call)
+            self._save_status()
+        start = time.monotonic()
+        self._call, self._call_start = (call, start) if pending else (None, None)
+        total = len(self.tasks)
+        if not pending:
+            self.options.echo(f"nothing to run: all {total} task(s) of {self.plan.name} are done in {self.out}")
+        else:
+            done = total - len(pending)
+            self.options.echo(f"{self.plan.name}: {len(pending)} of {total} task(s) to run ({done} done), "
+                              f"{self.options.jobs} at a time; records in {self.out}")
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            self._loop()
+        finally:
+            if lock is not None:
+                lock.release()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            call["ended"] = _now()
+            call["seconds"] = round(time.monotonic() - start, 1)
+            if pending:
+                self._save_status()
+        if self.stop_signal is not None:
+            self.options.echo(f"stopped by {signal.Signals(self.stop_signal).name}; nothing is lost: continue with the "
+                              f"same command (at-mem reproduce {self.plan.path} --out {self.out})")
+            return 128 + self.stop_signal
+        self.write_outputs()
+        if pending:  # the call's time with its report and plots
+            call["seconds"] = round(time.monotonic() - start, 1)
+            self._save_status()
+        failed = [t for t in self.tasks if t.state == "failed"]
+        skipped = [t for t in self.tasks if t.state == "skipped"]
+        if failed:
+            self.options.echo(f"{len(failed)} task(s) failed ({', '.join(t.label for t in failed)})"
+                              + (f", {len(skipped)} skipped" if skipped else "")
+                              + f"; the others are done. See {self.out / 'README.md'}; the same command retries "
+                              "the failed ones")
+            return 1
+        return 0
+
+    def _loop(self) -> None:
+        slots: dict[int, Task | None] = {i: None for i in range(self.options.jobs)}
+        while True:
+            for slot, task in slots.items():
+                if task is not None and task.process is not None:
+                    code = task.process.poll()
+                    if code is not None:
+                        self._finish(task, code)
+                        self.ran_any = True
+                        slots[slot] = None
+            if self.stop_signal is None:
+                ready = self._ready()
+                for slot in slots:
+                    if slots[slot] is None and ready:
+                        task = ready.pop(0)
+                        self._start(task, slot)
+                        slots[slot] = task
+            if all(t is None for t in slots.values()):
+                if self.stop_signal is not None or not self._ready():
+                    return
+                continue
+            time.sleep(self.options.poll_seconds)
+
+    def _print_plan(self) -> None:
+        echo = self.options.echo
+        echo(f"plan {self.plan.name} ({self.plan.path}): {len(self.plan.arms)} arm(s), seeds "
+             f"{', '.join(map(str, self.plan.seeds))}: {len(self.plan.runs)} run(s); {len(self.tasks)} task(s), {self.options.jobs} at a time, {self._threads()} thread(s) each")
+        for task in self.tasks:
+            detail = f" ({task.detail})" if task.detail and task.state == "pending" else ""
+            echo(f"  {task.state:8} {task.label}{detail}")
+
+    # -- the outputs
+    def finished_runs(self) -> list[Path]:
+        return [self.run_dir(r) for r in self.plan.runs if run_state(self.run_dir(r)).finished]
+
+    def _fingerprint(self, runs: list[Path]) -> str:
+        digest = hashlib.sha256()
+        for run in runs:
+            for name in ("config.json", "metrics.jsonl", "eval/best.json", "eval/last.json"):
+                path = run / name
+                if path.is_file():
+                    stat = path.stat()
+                    digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        digest.update(self.plan.text.encode())
+        return digest.hexdigest()
+
+    def write_outputs(self) -> None:
+        """report.md/json, the curves, memorization.json and README.md, over the finished runs; not
+        rewritten when nothing changed since they were written."""
+        runs = self.finished_runs()
+        if not runs:
+            self.options.echo("no finished run yet: no report")
+            return
+        fingerprint = self._fingerprint(runs)
+        outputs = [self.out / "report.md", self.out / "README.md"]
+        if (not self.ran_any and self.status.get("outputs_fingerprint") == fingerprint
+                and all(p.is_file() for p in outputs)):
+            self.options.echo(f"{self.out / 'report.md'} is up to date")
+            return
+        written, problems = [], []
+        base = _AT_MEM
+        try:
+            paired = self._paired_args(runs)
+        except ReportError as error:  # the report below says what is wrong with the runs
+            paired, problems = [], [f"--paired left out: {str(error).splitlines()[0]}"]
+        steps = [("report.md", [*base, "report", *map(str, runs), *paired, "--output",
+                                str(self.out / "report.md")]),
+                 ("report.json", [*base, "report", *map(str, runs), *paired, "--format", "json",
+                                  "--output", str(self.out / "report.json")]),
+                 ("curves-by-method.png", [*base, "plot", *map(str, runs), "--by-method", "--output",
+                                           str(self.out / "curves-by-method.png")])]
+        seed = self.plan.plot_seed if self.plan.plot_seed is not None else self.plan.seeds[0]
+        seed_runs = [self.run_dir(r) for r in self.plan.runs if r.seed == seed and self.run_dir(r) in runs]
+        if seed_runs:
+            steps.append((f"curves-seed{seed}.png", [*base, "plot", *map(str, seed_runs), "--output",
+                                                     str(self.out / f"curves-seed{seed}.png")]))
+        if self.plan.late_after is not None:
+            steps.append(("memorization.json", [*base, "memorization", *map(str, runs), "--late-after",
+                                                str(self.plan.late_after), "--output",
+                                                str(self.out / "memorization.json")]))
+        for name, command in steps:
+            result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if result.returncode == 0:
+                written.append(name)
+            else:
+                lines = [l for l in (result.stderr + result.stdout).splitlines() if l.strip()]
+                problems.append(f"{name}: {lines[-1] if lines else f'exit status {result.returncode}'}")
+        self._write_readme(runs, problems)
+        written.append("README.md")
+        self.status["outputs_fingerprint"] = fingerprint if not problems else None
+        self._save_status()
+        self.options.echo(f"wrote {', '.join(str(self.out / n) for n in written)}")
+        for problem in problems:
+            self.options.echo(f"warning: {problem}")
+
+    def _paired_args(self, runs: list[Path]) -> list[str]:
+        """``--paired`` in the report's labels, for the pairs whose arms both have finished runs."""
+        labels = self._labels(runs)
+        args = []
+        for spec in self.plan.paired:
+            base, _, other = spec.partition(":")
+            if base in labels and other in labels:
+                args += ["--paired", f"{labels[base]}:{labels[other]}"]
+        return args
+
+    def _labels(self, runs: list[Path]) -> dict[str, str]:
+        """Each arm's group label in the report: its method, with the settings that differ appended
+        when arms share a method (report.group_runs decides; the plan speaks of arms)."""
+        arm_of = {self.run_dir(r): r.arm.name for r in self.plan.runs}
+        labels = {}
+        for group in group_runs([read_run(run) for run in runs]):
+            for run in group.runs:
+                labels.setdefault(arm_of.get(Path(run.path)), group.label)
+        return labels
+
+    def _write_readme(self, runs: list[Path], problems: list[str]) -> None:
+        plan, status = self.plan, self.status
+        if getattr(self, "_call", None) is not None:  # this call so far, the report and plots included
+            self._call["seconds"] = round(time.monotonic() - self._call_start, 1)
+        calls = status.get("calls", [])
+        wall = sum(c.get("seconds", 0.0) for c in calls)
+        machine = calls[-1].get("machine", {}) if calls else {}
+        lines = [f"# {plan.name}", ""]
+        if plan.description:
+            lines += [plan.description.strip(), ""]
+        lines += ["Made by `at-mem reproduce`; run it again to continue or to refresh this page:", "", "```bash",
+                  f"at-mem reproduce {plan.path} --out {self.out}" + (f" --jobs {self.options.jobs}"
+                                                                      if self.options.jobs > 1 else ""),
+                  "```", "",
+                  f"- Plan: [`plan.toml`](plan.toml) ({len(plan.runs)} runs of {len(plan.arms)} arms: "
+                  f"{', '.join(a.name for a in plan.arms)}; seeds {', '.join(map(str, plan.seeds))}).",
+                  f"- Machine: {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} CPUs)"
+                  + (f", {', '.join(machine['gpus'])}" if machine.get("gpus") else "")
+                  + (f"; torch {machine['torch']}" if machine.get("torch") else "") + ".",
+                  f"- Devices: {', '.join(self.devices) or 'the default (cuda when available)'}; "
+                  f"{self.options.jobs} task(s) at a time, {self._threads()} thread(s) each.",
+                  f"- Wall time: {_format_seconds(wall)} over {len(calls)} call(s) of the command"
+                  f" (training and evaluation: {_format_seconds(self._task_seconds('train'))} and "
+                  f"{_format_seconds(self._task_seconds('eval'))} of child time).", ""]
+        failed = [t for t in self.tasks if t.state in ("failed", "skipped")]
+        unfinished = [r for r in plan.runs if self.run_dir(r) not in runs]
+        if failed or unfinished:
+            lines += ["## Not complete", ""]
+            for task in failed:
+                error = status["tasks"].get(task.key, {}).get("error", task.detail)
+                lines.append(f"- {task.state}: {task.label}: {error} (log: `{task.log.relative_to(self.out) if task.log else '-'}`)")
+            for run in unfinished:
+                state = run_state(self.run_dir(run))
+                lines.append(f"- {run.name}: {state.epochs_done} of {run.given.get('epochs', state.epochs) or '?'} "
+                             "epochs: not in the table")
+            lines.append("")
+        lines += ["## Runs", "", "| run | epochs | best epoch | training | evaluations |", "|---|---|---|---|---|"]
+        for run in plan.runs:
+            state = run_state(self.run_dir(run))
+            train = status["tasks"].get(f"{run.name}/train", {})
+            evals = [v for k, v in status["tasks"].items() if k.startswith(f"{run.name}/eval-")]
+            lines.append(f"| {run.name} | {state.epochs_done}/{state.epochs or '?'} | {state.best_epoch or '-'} | "
+                         f"{_format_seconds(train.get('seconds', 0.0))} | "
+                         f"{_format_seconds(sum(e.get('seconds', 0.0) for e in evals))} |")
+        lines += ["", "Times are the children's wall times in the calls that ran them (summed over resumes).", ""]
+        report = self.out / "report.md"
+        if report.is_file():
+            lines += ["## Table", "", f"`at-mem report` over the finished runs ([report.md](report.md), "
+                      "[report.json](report.json)):", "", report.read_text().strip(), ""]
+        for name in sorted(p.name for p in self.out.glob("curves*.png")):
+            lines += [f"![{name}]({name})", ""]
+        if problems:
+            lines += ["## Problems writing the outputs", ""] + [f"- {p}" for p in problems] + [""]
+        _write_atomic("\n".join(lines), self.out / "README.md")
+
+    def _task_seconds(self, kind: str) -> float:
+        return sum(v.get("seconds", 0.0) for k, v in self.status["tasks"].items()
+                   if (k.endswith("/train") if kind == "train" else "/eval-" in k))
+
+
+def _stop_with_parent() -> None:
+    """In the child, before it runs: SIGTERM when this process dies, however it dies (even by
+    SIGKILL, e.g. a time limit), so that no run goes on training, unwatched, after its parent is
+    gone; SIGTERM makes it save a checkpoint and stop. Linux only (prctl); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _signal(process: subprocess.Popen, signum: int) -> None:
+    try:
+        process.send_signal(signum)
+    except (ProcessLookupError, OSError):
+        pass
+
+
+def last_error_line(log: Path | None) -> str:
+    """The child's one-line error (``Error: ...``), else its last line."""
+    if log is None:
+        return ""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    lines = [line for line in lines if not line.startswith("# ")]
+    errors = [line for line in lines if line.startswith("Error:")]
+    line = errors[-1] if errors else (lines[-1] if lines else "")
+    return line[:300]
+
+
+def reproduce(plan_path: str | Path, options: Options) -> int:
+    """Read the plan, check DIR and run what is missing; the exit status."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ReproduceError("at-mem reproduce runs as one process, not under torchrun: it starts its runs itself "
+                             "(for several GPUs give --device cuda:0,cuda:1 --jobs 2)")
+    if options.jobs < 1:
+        raise ReproduceError(f"--jobs must be at least 1, got {options.jobs}")
+    plan = read_plan(plan_path)
+    job = Reproduction(plan, options)
+    if not job.tasks:
+        raise ReproduceError(f"--only {' '.join(options.only)}: no run of the plan matches "
+                             f"(runs: {', '.join(r.name for r in plan.runs)})")
+    if not options.dry_run:
+        job.check_out_dir()
+    try:
+        return job.execute()
+    except RunLockError as error:  # another call works on DIR
+        raise ReproduceError(str(error).splitlines()[0]) from None
+
+
+__all__ = ["Plan", "PlanError", "ReproduceError", "Options", "read_plan", "reproduce", "run_state",
+           "missing_attacks"]
