@@ -590,8 +590,11 @@ def report_command(runs, fmt, paired, output):
               help="Only the runs whose name (ARM-sSEED) matches, e.g. '*-s0' (repeatable); the report covers every "
                    "finished run.")
 @click.option("--dry-run", is_flag=True, help="List the tasks and what is done; run nothing.")
+@click.option("--prepare", is_flag=True,
+              help="Write OUT/plan.toml and OUT/settings/NAME.json for every run, run nothing (to train runs by "
+                   "hand, e.g. under torchrun; a later call evaluates and reports them).")
 @_user_errors
-def reproduce_command(plan, out_dir, jobs, devices, threads, data_dir, only, dry_run):
+def reproduce_command(plan, out_dir, jobs, devices, threads, data_dir, only, dry_run, prepare):
     """Train, evaluate and report a whole study from a plan (configs/plans/*.toml).
 
     Every (arm, seed) run goes to OUT/runs/ARM-sSEED; each run's best and final checkpoints are
@@ -606,7 +609,7 @@ def reproduce_command(plan, out_dir, jobs, devices, threads, data_dir, only, dry
     if devices is not None and not device_list:
         raise click.ClickException("--device: give cpu, cuda, cuda:N or a comma-separated list")
     options = Options(out=Path(out_dir), jobs=jobs, devices=device_list, threads=threads, data_dir=data_dir,
-                      only=tuple(only), dry_run=dry_run, echo=lambda line: click.echo(line, err=True))
+                      only=tuple(only), dry_run=dry_run, prepare=prepare, echo=lambda line: click.echo(line, err=True))
     try:
         status = reproduce(plan, options)
     except (PlanError, ReproduceError) as error:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -43,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .runlock import RunLock, RunLockError
+from .runlock import RunLock, RunLockError, check_free
 from .report import ReportError, best_record, group_runs, read_run  # reading run folders needs no torch
-from .settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings
+from .settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings, resume_settings
 
 ATTACKS = ("clean", "pgd20", "cw", "autoattack")
 # The children: this Python's at-mem. -P (3.11+): the working folder must not shadow the installed
@@ -56,6 +57,7 @@ PLAN_KEYS = {"name", "description", "base", "methods", "seeds", "device", "setti
 EVALUATE_KEYS = {"checkpoints", "attacks", "n_examples", "seeds", "arms", "batch_size"}
 REPORT_KEYS = {"paired", "late_after", "plot_seed"}
 STATUS_FORMAT = 1
+LOCK_WAIT_S = 120  # how long a task waits for its run folder to be released by another process
 
 
 class PlanError(ValueError):
@@ -96,6 +98,7 @@ class PlannedRun:
     seed: int
     given: dict  # run settings as given (what the settings file holds), method and seed included
     given_method: dict  # the method's own settings
+    accepted: dict = field(default_factory=dict, compare=False)  # the method's setting declarations
 
     @property
     def name(self) -> str:
@@ -237,14 +240,30 @@ def read_plan(path: str | Path, *, methods: dict | None = None) -> Plan:
                 RunConfig(**given, method_args=given_method).validate()
             except SettingError as error:
                 raise PlanError(str(error).splitlines()[0]) from None
-            runs.append(PlannedRun(arm, seed, given, given_method))
+            runs.append(PlannedRun(arm, seed, given, given_method, accepted))
     evaluations = _read_evaluations(path, raw.get("evaluate", []), arms, seeds)
-    paired, late_after, plot_seed = _read_report(path, raw.get("report", {}), arms)
+    paired, late_after, plot_seed = _read_report(path, raw.get("report", {}), arms, seeds)
+    _check_distinct_arms(path, runs)
     track = all(bool(run.given.get("track_samples")) for run in runs)
     if late_after is not None and not track:
         raise PlanError(f"{_where(path, 'report.late_after')}: needs track_samples = true for every run")
     return Plan(path, name, description, text, arms, seeds, device, runs, evaluations, paired, late_after,
                 plot_seed, track)
+
+
+def _check_distinct_arms(path: Path, runs: list[PlannedRun]) -> None:
+    """Two arms whose runs the report cannot tell apart (the same settings, up to those it ignores,
+    such as data_dir or channels_last) would make ``at-mem report`` refuse the study at its end."""
+    from .report import settings as report_settings
+
+    seen = {}
+    for run in runs:
+        config = RunConfig(**run.given, method_args=run.given_method).resolve().to_dict()
+        key = json.dumps([report_settings(config, dict(run.given_method)), run.seed], sort_keys=True, default=str)
+        if key in seen and seen[key].arm.name != run.arm.name:
+            raise PlanError(f"{path}: arms {seen[key].arm.name!r} and {run.arm.name!r} have the same settings (up to "
+                            "settings the report ignores): their runs would be one row; make them differ or drop one")
+        seen[key] = run
 
 
 def _read_arms(path: Path, raw: dict, methods: dict, seeds: list[int]) -> list[Arm]:
@@ -325,10 +344,22 @@ def _read_evaluations(path: Path, tables, arms: list[Arm], seeds: list[int]) -> 
                                     tuple(a for a in ATTACKS if a in attacks), n,
                                     None if only_seeds is None else tuple(only_seeds),
                                     None if only_arms is None else tuple(only_arms), batch_size))
+    # RUN/eval/<checkpoint>.json keeps one result per attack: two blocks measuring the same attack of
+    # the same checkpoint of the same run on different numbers of points would replace each other
+    # on every call.
+    for a in specs:
+        for b in specs[a.index + 1:]:
+            checkpoints, attacks = set(a.checkpoints) & set(b.checkpoints), set(a.attacks) & set(b.attacks)
+            shared = any(a.applies_to(arm.name, s) and b.applies_to(arm.name, s)
+                         for arm in arms for s in (arm.seeds or seeds))
+            if a.n_examples != b.n_examples and checkpoints and attacks and shared:
+                raise PlanError(f"{_where(path, f'evaluate[{b.index}]')}: {sorted(attacks)[0]} of "
+                                f"{sorted(checkpoints)[0]} is also in evaluate[{a.index}] at another n_examples "
+                                f"({a.n_examples} vs {b.n_examples}); a run keeps one result per attack")
     return specs
 
 
-def _read_report(path: Path, table, arms: list[Arm]):
+def _read_report(path: Path, table, arms: list[Arm], seeds: list[int]):
     if not isinstance(table, dict):
         raise PlanError(f"{_where(path, 'report')} must be a table")
     unknown = sorted(set(table) - REPORT_KEYS)
@@ -338,15 +369,16 @@ def _read_report(path: Path, table, arms: list[Arm]):
     names = {a.name for a in arms}
     for spec in paired:
         base, _, other = spec.partition(":")
-        if not other or base not in names or other not in names:
-            raise PlanError(f"{_where(path, 'report.paired')}: {spec!r} must be BASE:OTHER, two of the plan's arms "
-                            f"({', '.join(a.name for a in arms)})")
+        if not other or base not in names or other not in names or base == other:
+            raise PlanError(f"{_where(path, 'report.paired')}: {spec!r} must be BASE:OTHER, two different arms of "
+                            f"the plan ({', '.join(a.name for a in arms)})")
     late_after = table.get("late_after")
     if late_after is not None and (not isinstance(late_after, int) or isinstance(late_after, bool) or late_after < 0):
         raise PlanError(f"{_where(path, 'report.late_after')} must be an epoch number, got {late_after!r}")
     plot_seed = table.get("plot_seed")
-    if plot_seed is not None and (not isinstance(plot_seed, int) or isinstance(plot_seed, bool)):
-        raise PlanError(f"{_where(path, 'report.plot_seed')} must be a seed, got {plot_seed!r}")
+    if plot_seed is not None and (not isinstance(plot_seed, int) or isinstance(plot_seed, bool)
+                                  or plot_seed not in seeds):
+        raise PlanError(f"{_where(path, 'report.plot_seed')} must be one of the plan's seeds {seeds}, got {plot_seed!r}")
     return paired, late_after, plot_seed
 
 
@@ -414,8 +446,12 @@ def missing_attacks(run_dir: Path, spec: EvaluationSpec, state: RunState) -> dic
             missing[checkpoint] = list(spec.attacks)
             continue
         counts = record.get("n_examples_by_attack") or {}
+        # A test split smaller than n_examples is used whole (RobustBench's first-N rule): then its
+        # size is the number to find (the evaluation records it as test_split_size).
+        split = record.get("test_split_size")
+        wanted = min(spec.n_examples, split) if isinstance(split, int) else spec.n_examples
         todo = [a for a in spec.attacks if f"{a}_acc" not in record or counts.get(a, record.get("n_examples"))
-                != spec.n_examples]
+                != wanted]
         if todo:
             missing[checkpoint] = todo
     return missing
@@ -449,6 +485,7 @@ class Options:
     data_dir: str | None = None
     only: tuple[str, ...] = ()
     dry_run: bool = False
+    prepare: bool = False  # write plan.toml and settings/NAME.json, run nothing (for torchrun by hand)
     echo: Callable[[str], None] = print
     poll_seconds: float = 0.5
 
@@ -530,6 +567,10 @@ class Reproduction:
         self.devices = options.devices or ((plan.device,) if plan.device else ())
         self.tasks = self._make_tasks()
         self.ran_any = False
+        self.announce: str | None = None  # what a signal handler asks the loop to print
+        self.waiting: dict[str, float] = {}  # task key -> since when its run folder is busy elsewhere
+        self._call = self._call_start = None
+        self._pending_count = 0
 
     # -- DIR and its status file
     def _read_status(self) -> dict:
@@ -541,8 +582,11 @@ class Reproduction:
         return status
 
     def _save_status(self) -> None:
-        if not self.options.dry_run:
-            _write_atomic(json.dumps(self.status, indent=2) + "\n", self.status_path)
+        if self.options.dry_run:
+            return
+        if self._call is not None:  # kept current: a call killed by SIGKILL still counts up to its last save
+            self._call["seconds"] = round(time.monotonic() - self._call_start, 1)
+        _write_atomic(json.dumps(self.status, indent=2) + "\n", self.status_path)
 
     def check_out_dir(self) -> None:
         """DIR is new, or holds this plan: another plan's runs must not be mixed into its table."""
@@ -557,6 +601,50 @@ class Reproduction:
                     "run's settings are still checked against its saved ones)")
         elif self.out.is_dir() and any(self.out.iterdir()):
             raise ReproduceError(f"--out {self.out} is not empty and holds no plan.toml: give a new folder")
+
+    def check_saved_settings(self) -> None:
+        """Every run folder that exists was trained with the plan's settings (as ``at-mem train
+        --resume`` checks them): an edited plan must not mix its results into the table silently,
+        and a finished run would never be checked otherwise."""
+        for run in {t.run.name: t.run for t in self.tasks}.values():
+            saved = _read_json(self.run_dir(run) / "config.json")
+            if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+                continue
+            try:
+                resume_settings(saved["config"], dict(saved.get("method") or {}), dict(run.given),
+                                dict(run.given_method), {}, run.accepted)
+            except SettingError as error:
+                detail = str(error).splitlines()[0].split("differs from the saved run in ", 1)[-1].split(";")[0]
+                raise ReproduceError(f"{self.run_dir(run)} was trained with other settings than the plan's: {detail}; "
+                                     "restore the plan, or move the run folder away to train it anew") from None
+
+    def settings_document(self, run: PlannedRun) -> dict:
+        """What settings/NAME.json holds: the run's settings, data_dir made absolute (a child's
+        config.json then names the data wherever the study is read from)."""
+        document = run.settings_document()
+        data_dir = self.options.data_dir or document.get("data_dir") or SETTINGS_BY_NAME["data_dir"].default
+        document["data_dir"] = os.path.abspath(os.path.expanduser(data_dir))
+        return document
+
+    def check_data(self, strict: bool = True) -> None:
+        """A data folder that is not there: an error for data that cannot be downloaded, a note
+        for data that the runs will download."""
+        for dataset, data_dir in sorted({(self.settings_document(r).get("dataset") or SETTINGS_BY_NAME["dataset"].default,
+                                          self.settings_document(r)["data_dir"]) for r in self.plan.runs}):
+            if Path(data_dir).exists():
+                continue
+            where = "--data-dir" if self.options.data_dir else f"data_dir in {self.plan.path} (relative to {os.getcwd()})"
+            if dataset in ("cifar10-exact", "imagefolder") and strict:
+                raise ReproduceError(f"{data_dir} does not exist ({where}); {dataset} cannot be downloaded: run from "
+                                     "the folder the plan expects or give --data-dir")
+            what = (f"the runs will download {dataset} into it" if dataset not in ("cifar10-exact", "imagefolder")
+                    else f"{dataset} cannot be downloaded: give --data-dir")
+            self.options.echo(f"note: {data_dir} does not exist ({where}): {what}")
+
+    def write_settings(self) -> None:
+        for run in {t.run.name: t.run for t in self.tasks}.values():
+            _write_atomic(json.dumps(self.settings_document(run), indent=2) + "\n",
+                          self.settings_dir / f"{run.name}.json")
 
     # -- tasks
     def _selected(self, run: PlannedRun) -> bool:
@@ -610,11 +698,33 @@ class Reproduction:
                     continue
                 if train.state != "done":
                     continue
-            if task.run.name not in busy:
-                busy.add(task.run.name)
-                ready.append(task)
+            if task.run.name in busy:
+                continue
+            if not self._free(task):
+                continue
+            busy.add(task.run.name)
+            ready.append(task)
         # Evaluations first: a finished run's numbers come before the next run starts.
         return sorted(ready, key=lambda t: t.kind != "eval")
+
+    def _free(self, task: Task) -> bool:
+        """Whether no other live process holds the task's run folder (e.g. a child of a killed call
+        still saving, or a run started by hand); a task waits up to LOCK_WAIT_S for it."""
+        try:
+            check_free(self.run_dir(task.run))
+        except RunLockError as error:
+            since = self.waiting.setdefault(task.key, time.monotonic())
+            if since == self.waiting[task.key] and time.monotonic() - since < self.options.poll_seconds:
+                self.options.echo(f"waiting: {str(error).splitlines()[0]}")
+            if time.monotonic() - since > LOCK_WAIT_S:
+                task.state, task.detail = "failed", str(error).splitlines()[0]
+                record = self.status["tasks"].setdefault(task.key, {"seconds": 0.0, "attempts": 0})
+                record.update(state="failed", error=task.detail)
+                self.options.echo(f"[{self._counts()}] FAILED {task.label}: {task.detail}")
+                self._save_status()
+            return False
+        self.waiting.pop(task.key, None)
+        return True
 
     def _command(self, task: Task, device: str | None) -> list[str]:
         run_dir = self.run_dir(task.run)
@@ -624,8 +734,6 @@ class Reproduction:
             command = [*base, "train", "--config", str(settings), "--out", str(run_dir), "--quiet"]
             if run_state(run_dir).has_checkpoint:
                 command.append("--resume")
-            if self.options.data_dir:
-                command += ["--data-dir", self.options.data_dir]
         else:
             state = run_state(run_dir)
             missing = missing_attacks(run_dir, task.spec, state)
@@ -636,8 +744,7 @@ class Reproduction:
                 command += ["--attack", attack]
             if task.spec.batch_size:
                 command += ["--batch-size", str(task.spec.batch_size)]
-            if self.options.data_dir:
-                command += ["--data-dir", self.options.data_dir]
+            command += ["--data-dir", self.settings_document(task.run)["data_dir"]]
         if device:
             command += ["--device", device]
         return command
@@ -645,12 +752,17 @@ class Reproduction:
     def _threads(self) -> int:
         if self.options.threads:
             return self.options.threads
-        return max(1, (os.cpu_count() or 1) // max(1, min(self.options.jobs, len(self.tasks) or 1)))
+        try:
+            cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use (affinity, cpusets)
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        at_once = min(self.options.jobs, max(1, self._pending_count or len(self.tasks)))
+        return max(1, cpus // at_once)
 
     def _start(self, task: Task, slot: int) -> None:
         device = self.devices[slot % len(self.devices)] if self.devices else None
         if task.kind == "train":
-            _write_atomic(json.dumps(task.run.settings_document(), indent=2) + "\n",
+            _write_atomic(json.dumps(self.settings_document(task.run), indent=2) + "\n",
                           self.settings_dir / f"{task.run.name}.json")
         command = self._command(task, device)
         threads = self._threads()
@@ -721,13 +833,14 @@ class Reproduction:
 
     # -- signals
     def _on_signal(self, signum, frame) -> None:
+        # No printing here (a print interrupted by a print raises): the loop prints ``announce``.
         self.interrupts += 1
         name = signal.Signals(signum).name
         if self.stop_signal is None:
             self.stop_signal = signum
             running = [t for t in self.tasks if t.process is not None]
-            self.options.echo(f"\n{name}: stopping {len(running)} running task(s); each run saves a checkpoint "
-                              "(again to stop at once) ...")
+            self.announce = (f"\n{name}: stopping {len(running)} running task(s); each training run saves a "
+                             "checkpoint (again to stop at once) ...")
             for task in running:
                 _signal(task.process, signal.SIGTERM)
         else:  # a second signal: the children stop at once (their files on disk stay complete)
@@ -737,54 +850,70 @@ class Reproduction:
 
     # -- the loop
     def execute(self) -> int:
-        """Run what is missing; returns the exit status (0, 1 when a task failed, 128 + signal)."""
+        """Run what is missing; returns the exit status (0; 1 when a task or an output failed;
+        128 + the signal's number when stopped)."""
         self.refresh()
         pending = [t for t in self.tasks if t.state == "pending"]
+        self._pending_count = len(pending)
         if self.options.dry_run:
             self._print_plan()
+            self.check_data(strict=False)
             return 0
-        self.out.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(self.out).acquire() if pending else None  # one call per DIR at a time
-        if not (self.out / "plan.toml").is_file():
-            _write_atomic(self.plan.text, self.out / "plan.toml")
-        call = {"started": _now(), "jobs": self.options.jobs, "devices": list(self.devices),
-                "threads": self._threads(), "machine": machine_description(self.devices),
-                "command": " ".join(sys.argv) if sys.argv else ""}
-        if pending:  # a call that runs nothing is not recorded (and changes no file)
-            self.status["plan"] = str(self.plan.path)
-            self.status["calls"].append(call)
-            self._save_status()
-        start = time.monotonic()
-        self._call, self._call_start = (call, start) if pending else (None, None)
-        total = len(self.tasks)
-        if not pending:
-            self.options.echo(f"nothing to run: all {total} task(s) of {self.plan.name} are done in {self.out}")
-        else:
-            done = total - len(pending)
-            self.options.echo(f"{self.plan.name}: {len(pending)} of {total} task(s) to run ({done} done), "
-                              f"{self.options.jobs} at a time; records in {self.out}")
+        # The handlers cover the whole call, the report included: a stop is always a clean stop.
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
             signal.signal(s, self._on_signal)
+        lock = None
         try:
-            self._loop()
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ReproduceError(f"--out {self.out}: cannot create it ({error.strerror or error})") from None
+            if pending or self.options.prepare:
+                lock = RunLock(self.out).acquire()  # one call per DIR at a time
+            if not (self.out / "plan.toml").is_file():
+                _write_atomic(self.plan.text, self.out / "plan.toml")
+            if self.options.prepare:
+                self.write_settings()
+                self.options.echo(f"prepared {self.out}: plan.toml and {len(self.plan.runs)} settings files "
+                                  f"in {self.settings_dir}; nothing was run")
+                return 0
+            return self._execute(pending)
         finally:
             if lock is not None:
                 lock.release()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            call["ended"] = _now()
-            call["seconds"] = round(time.monotonic() - start, 1)
-            if pending:
+
+    def _execute(self, pending: list[Task]) -> int:
+        start = time.monotonic()
+        total = len(self.tasks)
+        if pending:  # a call that runs nothing is not recorded (and changes no file)
+            self._call = {"started": _now(), "jobs": self.options.jobs, "devices": list(self.devices),
+                          "threads": self._threads(), "machine": machine_description(self.devices),
+                          "command": self.command_line()}
+            self._call_start = start
+            self.status["plan"] = str(self.plan.path)
+            self.status["calls"].append(self._call)
+            self._save_status()
+            done = total - len(pending)
+            self.options.echo(f"{self.plan.name}: {len(pending)} of {total} task(s) to run ({done} done), "
+                              f"{self.options.jobs} at a time; records in {self.out}")
+        else:
+            self.options.echo(f"nothing to run: all {total} task(s) of {self.plan.name} are done in {self.out}")
+        try:
+            self._loop()
+            problems = [] if self.stop_signal is not None else self.write_outputs()
+        finally:
+            if self._call is not None:
+                self._call["ended"] = _now()
                 self._save_status()
+        if self.announce:
+            self.options.echo(self.announce)
         if self.stop_signal is not None:
             self.options.echo(f"stopped by {signal.Signals(self.stop_signal).name}; nothing is lost: continue with the "
-                              f"same command (at-mem reproduce {self.plan.path} --out {self.out})")
+                              f"same command ({self.command_line()})")
             return 128 + self.stop_signal
-        self.write_outputs()
-        if pending:  # the call's time with its report and plots
-            call["seconds"] = round(time.monotonic() - start, 1)
-            self._save_status()
         failed = [t for t in self.tasks if t.state == "failed"]
         skipped = [t for t in self.tasks if t.state == "skipped"]
         if failed:
@@ -793,11 +922,32 @@ class Reproduction:
                               + f"; the others are done. See {self.out / 'README.md'}; the same command retries "
                               "the failed ones")
             return 1
+        if problems:
+            self.options.echo(f"{len(problems)} output(s) could not be written (above); the same command tries again")
+            return 1
         return 0
+
+    def command_line(self) -> str:
+        """The command that continues this study, with the options of this call."""
+        parts = ["at-mem", "reproduce", str(self.plan.path), "--out", str(self.out)]
+        if self.options.jobs > 1:
+            parts += ["--jobs", str(self.options.jobs)]
+        if self.options.devices:
+            parts += ["--device", ",".join(self.options.devices)]
+        if self.options.threads:
+            parts += ["--threads", str(self.options.threads)]
+        if self.options.data_dir:
+            parts += ["--data-dir", self.options.data_dir]
+        for pattern in self.options.only:
+            parts += ["--only", f"'{pattern}'"]
+        return " ".join(parts)
 
     def _loop(self) -> None:
         slots: dict[int, Task | None] = {i: None for i in range(self.options.jobs)}
         while True:
+            if self.announce:
+                self.options.echo(self.announce)
+                self.announce = None
             for slot, task in slots.items():
                 if task is not None and task.process is not None:
                     code = task.process.poll()
@@ -808,13 +958,19 @@ class Reproduction:
             if self.stop_signal is None:
                 ready = self._ready()
                 for slot in slots:
+                    if self.stop_signal is not None:
+                        break
                     if slots[slot] is None and ready:
                         task = ready.pop(0)
                         self._start(task, slot)
                         slots[slot] = task
             if all(t is None for t in slots.values()):
-                if self.stop_signal is not None or not self._ready():
+                if self.stop_signal is not None:
                     return
+                if not self._ready():
+                    if not self.waiting:
+                        return
+                    time.sleep(self.options.poll_seconds)  # a run folder busy elsewhere: wait for it
                 continue
             time.sleep(self.options.poll_seconds)
 
@@ -841,19 +997,21 @@ class Reproduction:
         digest.update(self.plan.text.encode())
         return digest.hexdigest()
 
-    def write_outputs(self) -> None:
+    def write_outputs(self) -> list[str]:
         """report.md/json, the curves, memorization.json and README.md, over the finished runs; not
-        rewritten when nothing changed since they were written."""
+        rewritten when nothing changed since they were written. Returns what could not be written."""
         runs = self.finished_runs()
         if not runs:
             self.options.echo("no finished run yet: no report")
-            return
+            if self.ran_any:
+                self._write_readme([], [])  # it still says what failed or is unfinished
+            return []
         fingerprint = self._fingerprint(runs)
         outputs = [self.out / "report.md", self.out / "README.md"]
         if (not self.ran_any and self.status.get("outputs_fingerprint") == fingerprint
                 and all(p.is_file() for p in outputs)):
             self.options.echo(f"{self.out / 'report.md'} is up to date")
-            return
+            return []
         written, problems = [], []
         base = _AT_MEM
         try:
@@ -876,7 +1034,11 @@ class Reproduction:
                                                 str(self.plan.late_after), "--output",
                                                 str(self.out / "memorization.json")]))
         for name, command in steps:
-            result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if self.stop_signal is not None:  # stopped while writing: the next call writes them
+                return problems
+            # Its own session, as the tasks: a Ctrl-C reaches this process, which stops after this step.
+            result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, preexec_fn=_stop_with_parent)
             if result.returncode == 0:
                 written.append(name)
             else:
@@ -889,6 +1051,7 @@ class Reproduction:
         self.options.echo(f"wrote {', '.join(str(self.out / n) for n in written)}")
         for problem in problems:
             self.options.echo(f"warning: {problem}")
+        return problems
 
     def _paired_args(self, runs: list[Path]) -> list[str]:
         """``--paired`` in the report's labels, for the pairs whose arms both have finished runs."""
@@ -921,16 +1084,15 @@ class Reproduction:
         if plan.description:
             lines += [plan.description.strip(), ""]
         lines += ["Made by `at-mem reproduce`; run it again to continue or to refresh this page:", "", "```bash",
-                  f"at-mem reproduce {plan.path} --out {self.out}" + (f" --jobs {self.options.jobs}"
-                                                                      if self.options.jobs > 1 else ""),
-                  "```", "",
+                  self.command_line(), "```", "",
                   f"- Plan: [`plan.toml`](plan.toml) ({len(plan.runs)} runs of {len(plan.arms)} arms: "
                   f"{', '.join(a.name for a in plan.arms)}; seeds {', '.join(map(str, plan.seeds))}).",
                   f"- Machine: {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} CPUs)"
                   + (f", {', '.join(machine['gpus'])}" if machine.get("gpus") else "")
                   + (f"; torch {machine['torch']}" if machine.get("torch") else "") + ".",
-                  f"- Devices: {', '.join(self.devices) or 'the default (cuda when available)'}; "
-                  f"{self.options.jobs} task(s) at a time, {self._threads()} thread(s) each.",
+                  f"- The last call: devices {', '.join(self.devices) or 'the default (cuda when available)'}; "
+                  f"{self.options.jobs} task(s) at a time, {self._threads()} thread(s) each (each call's machine, "
+                  "jobs and threads are in status.json).",
                   f"- Wall time: {_format_seconds(wall)} over {len(calls)} call(s) of the command"
                   f" (training and evaluation: {_format_seconds(self._task_seconds('train'))} and "
                   f"{_format_seconds(self._task_seconds('eval'))} of child time).", ""]
@@ -1018,8 +1180,13 @@ def reproduce(plan_path: str | Path, options: Options) -> int:
     if not job.tasks:
         raise ReproduceError(f"--only {' '.join(options.only)}: no run of the plan matches "
                              f"(runs: {', '.join(r.name for r in plan.runs)})")
+    bad = [d for d in options.devices if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", d)]
+    if bad:
+        raise ReproduceError(f"--device {bad[0]!r}: use cpu, cuda, cuda:N or mps (a comma-separated list for several)")
+    job.check_out_dir()  # read-only: a dry run must not show another plan's runs as done either
+    job.check_saved_settings()
     if not options.dry_run:
-        job.check_out_dir()
+        job.check_data()
     try:
         return job.execute()
     except RunLockError as error:  # another call works on DIR

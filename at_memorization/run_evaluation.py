@@ -98,8 +98,11 @@ def evaluate_checkpoint(state: dict, checkpoint: str | Path, options: Evaluation
             bar.close()
     info = {"epoch": state.get("epoch"), "dataset": dataset, "model": state["model_name"],
             "method": state.get("method", {}).get("name")}
-    return eval_record(checkpoint, info, results, n_examples=len(test), eps=s["eps"], norm=s["norm"],
-                       seed=options.seed, device=str(options.device))
+    record = eval_record(checkpoint, info, results, n_examples=len(test), eps=s["eps"], norm=s["norm"],
+                         seed=options.seed, device=str(options.device))
+    if len(test) < options.n_examples:  # the whole test split: say so, so that a rerun asking for more knows
+        record["test_split_size"] = len(test)
+    return record
 
 
 def _check_writable(folder: Path) -> None:

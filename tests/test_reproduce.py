@@ -467,6 +467,7 @@ eval_steps = 1
 [arms.broken]
 method = "pgd-at"
 data_dir = "{broken_dir}"
+lr = 0.04  # a setting the report sees: arms that differ only in data_dir would be one row
 
 [[evaluate]]
 checkpoints = ["last"]
@@ -546,7 +547,7 @@ PLAN_ERRORS = {
                            ["seed: the plan's `methods`/[arms] and `seeds` set it"]),
     "a seed twice": (lambda t: t.replace("seeds = [0]", "seeds = [0, 0]"), ["seeds", "twice"]),
     "paired naming a non-arm": (lambda t: t.replace('"pgd-at:pgd-at-te"', '"pgd-at:trades"'),
-                                ["report.paired", "'pgd-at:trades'", "two of the plan's arms"]),
+                                ["report.paired", "'pgd-at:trades'", "two different arms of the plan"]),
     "an unknown attack": (lambda t: t.replace('["clean", "pgd20"]', '["clean", "fgsm"]'),
                           ["evaluate[0].attacks: unknown 'fgsm'"]),
     "an evaluation of a non-arm": (lambda t: t.replace('arms = ["pgd-at"]', 'arms = ["trades"]'),
@@ -556,6 +557,16 @@ PLAN_ERRORS = {
     "late_after without track_samples": (lambda t: t.replace("track_samples = true", "track_samples = false"),
                                          ["report.late_after: needs track_samples = true"]),
     "not TOML": (lambda t: t + "\n[[[\n", ["not valid TOML"]),
+    "a pair of one arm with itself": (lambda t: t.replace('"pgd-at:pgd-at-te"', '"pgd-at:pgd-at"'),
+                                      ["'pgd-at:pgd-at'", "two different arms of the plan"]),
+    "two arms the report cannot tell apart": (
+        lambda t: t + '\n[arms.copy]\nmethod = "pgd-at"\nchannels_last = true\n',
+        ["arms 'pgd-at' and 'copy' have the same settings", "settings the report ignores"]),
+    "one attack of one checkpoint at two sizes": (
+        lambda t: t.replace('attacks = ["cw"]', 'attacks = ["cw", "clean"]'),
+        ["evaluate[1]: clean of last is also in evaluate[0] at another n_examples (16 vs 8)"]),
+    "a plot seed not planned": (lambda t: t.replace("late_after = 1", "late_after = 1\nplot_seed = 4"),
+                                ["report.plot_seed must be one of the plan's seeds [0]"]),
 }
 
 
@@ -623,7 +634,7 @@ def test_dry_run_lists_the_tasks_and_runs_nothing(plan_text, tmp_path):
     out = tmp_path / "study"
     result = _reproduce(plan, out, "--dry-run", "--jobs", 2, "--threads", 1)
     assert result.returncode == 0, result.stderr
-    lines = result.stderr.splitlines()
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("note: ")]  # data folder notes
     assert lines[0].startswith(f"plan tiny-mnist ({plan}): 2 arm(s)"), result.stderr
     assert lines[0].endswith("; 5 task(s), 2 at a time, 1 thread(s) each"), result.stderr
     assert [line.split()[:3] for line in lines[1:]] == [
@@ -634,7 +645,7 @@ def test_dry_run_lists_the_tasks_and_runs_nothing(plan_text, tmp_path):
 
     only = invoke("reproduce", plan, "--out", out, "--dry-run", "--only", "*-te-s0")
     assert only.exit_code == 0, only.output
-    assert [line.split()[:3] for line in only.output.splitlines()[1:]] == [
+    assert [line.split()[:3] for line in only.output.splitlines()[1:] if not line.startswith("note: ")] == [
         ["pending", "train", "pgd-at-te-s0"], ["pending", "eval", "pgd-at-te-s0"]], only.output
     assert not out.exists()
 
@@ -653,3 +664,76 @@ def test_every_shipped_plan_reads_and_dry_runs(plan, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"plan {read.name} ({plan}): "), result.output
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- what the review found (issue 20)
+@pytest.mark.slow
+def test_an_edited_plan_under_a_finished_study_is_refused_naming_the_run_and_setting(finished, tmp_path):
+    plan, out, _ = finished
+    edited = plan.read_text().replace("eps = 0.1", "eps = 0.2")
+    saved = (out / "plan.toml").read_text()
+    (out / "plan.toml").write_text(edited)  # as the refusal for another plan tells the user to do
+    try:
+        changed = tmp_path / "plan.toml"
+        changed.write_text(edited)
+        before = _tree(out)
+        for extra in ((), ("--dry-run",)):
+            result = _reproduce(changed, out, *extra)
+            assert_one_line_error(result, "runs/pgd-at-s0 was trained with other settings than the plan's", "'eps'",
+                                  "saved 0.1, given 0.2", exit_code=1)
+        assert _tree(out) == before  # nothing ran, nothing was rewritten
+    finally:
+        (out / "plan.toml").write_text(saved)
+
+
+def test_prepare_writes_every_runs_settings_with_an_absolute_data_dir(plan_text, tmp_path, mnist_dir):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(plan_text)
+    out = tmp_path / "study"
+    result = invoke("reproduce", plan, "--out", out, "--prepare", "--data-dir", mnist_dir)
+    assert result.exit_code == 0, result.output
+    assert (out / "plan.toml").read_text() == plan_text
+    for run in RUNS:
+        document = json.loads((out / "settings" / f"{run}.json").read_text())
+        assert document["data_dir"] == str(mnist_dir) and Path(document["data_dir"]).is_absolute()
+        assert document["method"] == run.rsplit("-s", 1)[0] and document["seed"] == 0
+    assert not (out / "runs").exists() and "nothing was run" in result.output
+
+
+def test_a_missing_folder_of_data_that_cannot_be_downloaded_is_a_one_line_error(plan_text, tmp_path):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(plan_text.replace('dataset = "mnist"', 'dataset = "cifar10-exact"')
+                    .replace('model = "smallcnn"', 'model = "preactresnet18_w16"').replace("drop_rate = 0.0\n", ""))
+    result = _reproduce(plan, tmp_path / "study", "--data-dir", tmp_path / "nowhere")
+    assert_one_line_error(result, "nowhere does not exist", "cifar10-exact cannot be downloaded", exit_code=1)
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu,"])
+def test_a_bad_device_is_a_one_line_error(plan_text, tmp_path, device):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(plan_text)
+    result = invoke("reproduce", plan, "--out", tmp_path / "study", "--device", device, "--dry-run")
+    if device == "cpu,":  # a trailing comma is harmless
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 1 and f"--device {device!r}: use cpu, cuda, cuda:N or mps" in result.output
+
+
+def test_an_evaluation_of_a_split_smaller_than_n_examples_is_done_once(tmp_path):
+    """RobustBench's rule: the first N test points, all of them when the split is smaller. The record
+    says how large the split was, so a plan asking for more does not rerun it on every call."""
+    from at_memorization.reproduce import EvaluationSpec, RunState, missing_attacks
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    record = {"epoch": 5, "clean_acc": 0.5, "pgd20_acc": 0.2, "n_examples": 1017,
+              "n_examples_by_attack": {"clean": 1017, "pgd20": 1017}}
+    (run / "eval" / "last.json").write_text(json.dumps(record))
+    spec = EvaluationSpec(0, ("last",), ("clean", "pgd20"), 10000, None, None)
+    state = RunState(epochs_done=5, epochs=5, best_epoch=3, has_checkpoint=True)
+    assert missing_attacks(run, spec, state) == {"last": ["clean", "pgd20"]}  # without the split's size: not done
+    (run / "eval" / "last.json").write_text(json.dumps({**record, "test_split_size": 1017}))
+    assert missing_attacks(run, spec, state) == {}
+    smaller = EvaluationSpec(0, ("last",), ("clean",), 500, None, None)
+    assert missing_attacks(run, smaller, state) == {"last": ["clean"]}  # 500 asked, 1017 measured: redo

@@ -414,8 +414,9 @@ def stage_reproduce(stage: Stage) -> None:
     stage.record["device_name"] = environment().get("device_name")
     if not stage.can_start("reproduce"):
         return
-    out = work / "reproduce"
-    data_dir = s.data[s.data.index("--data-dir") + 1]
+    # Absolute: the command runs in `work`, and a relative --out/--work would then nest.
+    out = (work / "reproduce").resolve()
+    data_dir = str(Path(s.data[s.data.index("--data-dir") + 1]).resolve())
     limit = max(1, int(stage.budget.left() - 20))
     # timeout: SIGTERM at the limit (reproduce stops every run with a checkpoint), SIGKILL 15 s later.
     command = ["timeout", "-k", "15", str(limit), sys.executable, "-P", "-m", "at_memorization", "reproduce",
