@@ -306,7 +306,12 @@ def train_command(out_dir, config_file, print_config, resume, overrides, allow_d
                           overrides=override_values, allow_data_change=allow_data_change,
                           checkpoint_every_steps=checkpoint_every_steps, loggers=loggers)
         if trainer.start_epoch > resolved.epochs:
+            repaired = trainer.repair_finished_metrics()
             trainer.shutdown()
+            if repaired:
+                click.echo(f"{out_dir} already finished all {resolved.epochs} epochs; nothing was trained; its "
+                           "metrics.jsonl lacked epochs its checkpoint holds and was rewritten from the checkpoint")
+                return
             click.echo(f"{out_dir} already finished all {resolved.epochs} epochs; nothing was trained or recorded "
                        f"(to train longer: --resume --override epochs=N)")
             return

@@ -705,9 +705,25 @@ class Trainer:
                 self._loggers = None
             self.close()
 
+    def repair_finished_metrics(self) -> bool:
+        """A finished run whose metrics.jsonl lacks epochs its checkpoint holds (a kill between saving
+        the last epoch's checkpoint and appending its line): rewrite the file from the checkpoint's
+        history, which is the record. True when it was rewritten; nothing else is written."""
+        if not self.ctx.is_main or self.start_epoch <= self.config.epochs:
+            return False
+        try:
+            recorded = [r.get("epoch") for r in self.folder.read_metrics(allow_empty=True)]
+        except RunFolderError:
+            recorded = None  # unreadable: rewritten from the history
+        if recorded == [h.get("epoch") for h in self.history]:
+            return False
+        self.folder.rewrite_metrics(self.history)
+        return True
+
     def _fit(self) -> list[dict]:
         folder = self.folder
         if self.start_epoch > self.config.epochs:  # a finished run: nothing trains, nothing is recorded
+            self.repair_finished_metrics()
             return self.history
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -214,6 +214,23 @@ def test_shrinking_a_finished_run_is_refused_and_records_nothing(finished_run, t
     assert _events(run) == []
 
 
+def test_a_finished_run_missing_its_last_metrics_line_is_repaired_on_resume(finished_run, tmp_path):
+    # A kill between saving the last epoch's checkpoint and appending its metrics line left a run that
+    # `--resume` called finished forever while metrics.jsonl lacked that epoch (at-mem reproduce then
+    # failed it on every call). The checkpoint's history is the record: the file is rewritten from it.
+    run = _copy(finished_run, tmp_path)
+    complete = (run / "metrics.jsonl").read_text()
+    lines = complete.splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:-1]))
+    done = invoke("train", "--resume", "--out", run, "--quiet")
+    assert done.exit_code == 0 and "rewritten from the checkpoint" in done.output, done.output
+    assert (run / "metrics.jsonl").read_text() == complete
+    assert _events(run) == []  # nothing trained: no event
+    again = invoke("train", "--resume", "--out", run, "--quiet")
+    assert again.exit_code == 0 and "nothing was trained or recorded" in again.output
+    assert (run / "metrics.jsonl").read_text() == complete
+
+
 # --------------------------------------------------------------------------- 8. the README's extension
 def test_extending_a_tracked_run_keeps_its_derived_settings_and_grows_tracking(finished_run, tmp_path):
     # Before: --override epochs=N failed on milestones (re-derived from N), and with milestones given
