@@ -417,7 +417,10 @@ class RunState:
 
     @property
     def finished(self) -> bool:
-        return self.has_checkpoint and self.epochs is not None and self.epochs_done >= self.epochs
+        # metrics.jsonl gets an epoch's line only after its checkpoint is saved, so complete records
+        # mean a finished run; its checkpoints may be gone (a study's records committed without
+        # them): then it is not trained again, which would overwrite the records.
+        return self.epochs is not None and self.epochs_done >= self.epochs
 
 
 def run_state(run_dir: Path) -> RunState:
@@ -697,6 +700,14 @@ class Reproduction:
                     task.state, task.detail = "skipped", "its training failed"
                     continue
                 if train.state != "done":
+                    continue
+                if not run_state(self.run_dir(task.run)).has_checkpoint:
+                    task.state = "failed"
+                    task.detail = (f"{self.run_dir(task.run)} holds the run's records but not its checkpoints (e.g. "
+                                   "a checkout of committed records): move the folder away to train it again")
+                    self.status["tasks"].setdefault(task.key, {"seconds": 0.0, "attempts": 0}).update(
+                        state="failed", error=task.detail)
+                    self.options.echo(f"[{self._counts()}] FAILED {task.label}: {task.detail}")
                     continue
             if task.run.name in busy:
                 continue

@@ -737,3 +737,24 @@ def test_an_evaluation_of_a_split_smaller_than_n_examples_is_done_once(tmp_path)
     assert missing_attacks(run, spec, state) == {}
     smaller = EvaluationSpec(0, ("last",), ("clean",), 500, None, None)
     assert missing_attacks(run, smaller, state) == {"last": ["clean"]}  # 500 asked, 1017 measured: redo
+
+
+def test_a_finished_run_without_its_checkpoints_is_not_trained_again(finished, tmp_path):
+    """A study's records committed without checkpoints (*.pt are not committed), then checked out
+    afresh: its finished runs are done, not retrained over their records; an evaluation that is
+    still missing fails saying why."""
+    import shutil
+
+    plan, out, _ = finished
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.pt"))
+    result = _reproduce(plan, copy, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    states = [line.split()[0] for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert states and set(states) == {"done"}, result.stderr
+    (copy / "runs" / "pgd-at-s0" / "eval" / "last.json").unlink()
+    before = (copy / "runs" / "pgd-at-s0" / "metrics.jsonl").read_text()
+    again = _reproduce(plan, copy)
+    assert again.returncode == 1, again.stderr
+    assert "holds the run's records but not its checkpoints" in again.stderr
+    assert (copy / "runs" / "pgd-at-s0" / "metrics.jsonl").read_text() == before
