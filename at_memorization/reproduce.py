@@ -32,7 +32,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -44,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .machine import machine_description
 from .runlock import RunLock, RunLockError, check_free
 from .report import ReportError, best_record, group_runs, read_run  # reading run folders needs no torch
 from .settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings, resume_settings
@@ -136,6 +136,22 @@ def _list_of(value, kind, path: Path, key: str, *, allow_empty=False) -> list:
             isinstance(v, kind) and not isinstance(v, bool) for v in value):
         raise PlanError(f"{_where(path, key)} must be a list of {kind.__name__} values, got {value!r}")
     return value
+
+
+def _int_at_least(value, minimum: int, path: Path, key: str, what: str):
+    """``value`` when it is an integer (not a bool) of at least ``minimum``; else a one-line error."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PlanError(f"{_where(path, key)} must be {what}, got {value!r}")
+    return value
+
+
+def _subset_of(values: list, allowed: list, path: Path, key: str, what: str) -> list:
+    """``values`` when each is in ``allowed`` (e.g. an arm's seeds among the plan's); else a one-line
+    error naming the first that is not, as ``what`` says it: "seed {0} is not among ..."."""
+    missing = [v for v in values if v not in allowed]
+    if missing:
+        raise PlanError(f"{_where(path, key)}: {what.format(missing[0])}")
+    return values
 
 
 def _read_toml(path: Path, what: str) -> dict:
@@ -292,12 +308,9 @@ def _read_arms(path: Path, raw: dict, methods: dict, seeds: list[int]) -> list[A
                 raise PlanError(f"{_where(path, f'arms.{name}.{key}')}: not an arm's setting (the plan sets it)")
         own_seeds = table.pop("seeds", None)  # e.g. a side measurement on seed 0 only
         if own_seeds is not None:
-            own_seeds = _list_of(own_seeds, int, path, f"arms.{name}.seeds")
-            missing = [s for s in own_seeds if s not in seeds]
-            if missing:
-                raise PlanError(f"{_where(path, f'arms.{name}.seeds')}: seed {missing[0]} is not among the plan's "
-                                f"seeds {seeds}")
-            own_seeds = tuple(own_seeds)
+            key = f"arms.{name}.seeds"
+            own_seeds = tuple(_subset_of(_list_of(own_seeds, int, path, key), seeds, path, key,
+                                         f"seed {{}} is not among the plan's seeds {seeds}"))
         arms.append(Arm(name, method, table, own_seeds))
     return arms
 
@@ -322,24 +335,18 @@ def _read_evaluations(path: Path, tables, arms: list[Arm], seeds: list[int]) -> 
             bad = [v for v in values if v not in allowed]
             if bad:
                 raise PlanError(f"{_where(path, f'{key}.{name}')}: unknown {bad[0]!r} (use {', '.join(allowed)})")
-        n = table.get("n_examples", 10000)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise PlanError(f"{_where(path, f'{key}.n_examples')} must be a positive integer, got {n!r}")
+        n = _int_at_least(table.get("n_examples", 10000), 1, path, f"{key}.n_examples", "a positive integer")
         batch_size = table.get("batch_size")
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-            raise PlanError(f"{_where(path, f'{key}.batch_size')} must be a positive integer, got {batch_size!r}")
+        if batch_size is not None:
+            _int_at_least(batch_size, 1, path, f"{key}.batch_size", "a positive integer")
         only_seeds = table.get("seeds")
         if only_seeds is not None:
-            only_seeds = _list_of(only_seeds, int, path, f"{key}.seeds")
-            missing = [s for s in only_seeds if s not in seeds]
-            if missing:
-                raise PlanError(f"{_where(path, f'{key}.seeds')}: seed {missing[0]} is not among the plan's seeds {seeds}")
+            only_seeds = _subset_of(_list_of(only_seeds, int, path, f"{key}.seeds"), seeds, path, f"{key}.seeds",
+                                    f"seed {{}} is not among the plan's seeds {seeds}")
         only_arms = table.get("arms")
         if only_arms is not None:
-            only_arms = _list_of(only_arms, str, path, f"{key}.arms")
-            missing = [a for a in only_arms if a not in arm_names]
-            if missing:
-                raise PlanError(f"{_where(path, f'{key}.arms')}: no arm {missing[0]!r} (arms: {', '.join(arm_names)})")
+            only_arms = _subset_of(_list_of(only_arms, str, path, f"{key}.arms"), arm_names, path, f"{key}.arms",
+                                   "no arm {!r} (arms: " + ", ".join(arm_names) + ")")
         specs.append(EvaluationSpec(i, tuple(c for c in CHECKPOINTS if c in checkpoints),
                                     tuple(a for a in ATTACKS if a in attacks), n,
                                     None if only_seeds is None else tuple(only_seeds),
@@ -373,8 +380,8 @@ def _read_report(path: Path, table, arms: list[Arm], seeds: list[int]):
             raise PlanError(f"{_where(path, 'report.paired')}: {spec!r} must be BASE:OTHER, two different arms of "
                             f"the plan ({', '.join(a.name for a in arms)})")
     late_after = table.get("late_after")
-    if late_after is not None and (not isinstance(late_after, int) or isinstance(late_after, bool) or late_after < 0):
-        raise PlanError(f"{_where(path, 'report.late_after')} must be an epoch number, got {late_after!r}")
+    if late_after is not None:
+        _int_at_least(late_after, 0, path, "report.late_after", "an epoch number")
     plot_seed = table.get("plot_seed")
     if plot_seed is not None and (not isinstance(plot_seed, int) or isinstance(plot_seed, bool)
                                   or plot_seed not in seeds):
@@ -384,6 +391,8 @@ def _read_report(path: Path, table, arms: list[Arm], seeds: list[int]):
 
 # --------------------------------------------------------------------------- what is done
 def _read_jsonl(path: Path) -> list[dict]:
+    """Tolerant where RunFolder.read_metrics is strict: a study is read while its runs write, and a
+    line cut by a kill is repaired by the trainer on resume, not an error of the study."""
     records = []
     try:
         lines = path.read_text().splitlines()
@@ -471,7 +480,6 @@ class Task:
     detail: str = ""
     process: subprocess.Popen | None = None
     started: float = 0.0
-    slot: int = -1
     log: Path | None = None
 
     @property
@@ -527,35 +535,6 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
-def machine_description(devices: tuple[str, ...]) -> dict:
-    """The machine in plain values, without importing torch."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version()}
-    try:
-        from importlib.metadata import version
-
-        info["torch"] = version("torch")
-    except Exception:  # noqa: BLE001  (metadata only)
-        pass
-    if any(d.startswith("cuda") for d in devices) or not devices:
-        try:
-            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                   text=True, timeout=20, check=True).stdout.split("\n")
-            gpus = [n.strip() for n in names if n.strip()]
-            if gpus:
-                info["gpus"] = gpus
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return info
-
-
 class Reproduction:
     """One call of ``at-mem reproduce``: the plan, DIR, the tasks and their children."""
 
@@ -565,8 +544,8 @@ class Reproduction:
         self.runs_dir, self.logs_dir, self.settings_dir = self.out / "runs", self.out / "logs", self.out / "settings"
         self.status_path = self.out / "status.json"
         self.status = self._read_status()
+        self._documents: dict[str, dict] = {}  # run name -> its settings document (settings_document)
         self.stop_signal: int | None = None
-        self.interrupts = 0
         self.devices = options.devices or ((plan.device,) if plan.device else ())
         self.tasks = self._make_tasks()
         self.ran_any = False
@@ -624,10 +603,12 @@ class Reproduction:
     def settings_document(self, run: PlannedRun) -> dict:
         """What settings/NAME.json holds: the run's settings, data_dir made absolute (a child's
         config.json then names the data wherever the study is read from)."""
-        document = run.settings_document()
-        data_dir = self.options.data_dir or document.get("data_dir") or SETTINGS_BY_NAME["data_dir"].default
-        document["data_dir"] = os.path.abspath(os.path.expanduser(data_dir))
-        return document
+        if run.name not in self._documents:
+            document = run.settings_document()
+            data_dir = self.options.data_dir or document.get("data_dir") or SETTINGS_BY_NAME["data_dir"].default
+            document["data_dir"] = os.path.abspath(os.path.expanduser(data_dir))
+            self._documents[run.name] = document
+        return dict(self._documents[run.name])
 
     def check_data(self, strict: bool = True) -> None:
         """A data folder that is not there: an error for data that cannot be downloaded, a note
@@ -793,7 +774,7 @@ class Reproduction:
                                             preexec_fn=_stop_with_parent)
         if self.stop_signal is not None:  # the stop came while Popen ran: _on_signal did not see this child
             _signal(task.process, signal.SIGTERM)
-        task.state, task.started, task.slot = "running", time.monotonic(), slot
+        task.state, task.started = "running", time.monotonic()
         record = self.status["tasks"].setdefault(task.key, {"seconds": 0.0, "attempts": 0})
         record["attempts"] += 1
         record.update(state="running", started=_now(), command=command, log=str(task.log.relative_to(self.out)))
@@ -845,7 +826,6 @@ class Reproduction:
     # -- signals
     def _on_signal(self, signum, frame) -> None:
         # No printing here (a print interrupted by a print raises): the loop prints ``announce``.
-        self.interrupts += 1
         name = signal.Signals(signum).name
         if self.stop_signal is None:
             self.stop_signal = signum

@@ -54,6 +54,8 @@ def commands(script: str) -> dict[str, tuple[list[str], dict]]:
 
 
 def cpu_name() -> str:
+    # at_memorization.machine.cpu_name, copied: importing the package here would import torch and warm
+    # the page cache that the timed children's startup depends on.
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

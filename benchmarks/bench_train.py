@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from at_memorization.data import AUGMENTATIONS, DATASETS, DataBundle, IndexedDataset, load_data, to_float
+from at_memorization.machine import cpu_name
 from at_memorization.models import build_model
 from at_memorization.training import RunConfig, Trainer
 
@@ -63,15 +64,7 @@ TE = dict(te_start=1, te_end=2, momentum=0.9, weight=300.0)  # epoch 2: TE on at
 
 # --------------------------------------------------------------------------- environment
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def versions() -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import OrderedDict
 
 import pytest
 import timm
@@ -34,6 +33,7 @@ from timm.models import register_model
 
 from at_memorization.settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings
 from at_memorization.training import Callbacks, Trainer, TrainingInterrupted, resume_config
+from awp_reference import AdvWeightPerturb
 from cli_testing import assert_one_line_error, invoke
 
 
@@ -101,50 +101,6 @@ def attack_pgd(model, X, y, epsilon, alpha, attack_iters, restarts, final_forwar
         max_delta[all_loss >= max_loss] = delta.detach()[all_loss >= max_loss]
         max_loss = torch.max(max_loss, all_loss)
     return max_delta
-
-
-EPS = 1E-20
-
-
-def diff_in_weights(model, proxy):  # AT_AWP/utils_awp.py
-    diff_dict = OrderedDict()
-    model_state_dict = model.state_dict()
-    proxy_state_dict = proxy.state_dict()
-    for (old_k, old_w), (new_k, new_w) in zip(model_state_dict.items(), proxy_state_dict.items()):
-        if len(old_w.size()) <= 1:
-            continue
-        if 'weight' in old_k:
-            diff_w = new_w - old_w
-            diff_dict[old_k] = old_w.norm() / (diff_w.norm() + EPS) * diff_w
-    return diff_dict
-
-
-def add_into_weights(model, diff, coeff=1.0):
-    names_in_diff = diff.keys()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in names_in_diff:
-                param.add_(coeff * diff[name])
-
-
-class AdvWeightPerturb(object):  # AT_AWP/utils_awp.py
-    def __init__(self, model, proxy, proxy_optim, gamma):
-        self.model, self.proxy, self.proxy_optim, self.gamma = model, proxy, proxy_optim, gamma
-
-    def calc_awp(self, inputs_adv, targets):
-        self.proxy.load_state_dict(self.model.state_dict())
-        self.proxy.train()
-        loss = - F.cross_entropy(self.proxy(inputs_adv), targets)
-        self.proxy_optim.zero_grad()
-        loss.backward()
-        self.proxy_optim.step()
-        return diff_in_weights(self.model, self.proxy)
-
-    def perturb(self, diff):
-        add_into_weights(self.model, diff, coeff=1.0 * self.gamma)
-
-    def restore(self, diff):
-        add_into_weights(self.model, diff, coeff=-1.0 * self.gamma)
 
 
 def awp_reference_step(model, opt, awp_adversary, X, y, epsilon, pgd_alpha, attack_iters, extra_forwards):

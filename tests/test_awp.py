@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import textwrap
-from collections import OrderedDict
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -31,70 +30,14 @@ from at_memorization.plugins.awp import PGDATAWP, PGDATTEAWP, TRADESAWP, awp_wei
 from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingInterrupted
 from subprocess_guard import run_with_hang_guard
 
+from awp_reference import AdvWeightPerturb, TradesAWP
 from cli_testing import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# --------------------------------------------------------------------------- the reference (transcribed)
-EPS = 1E-20
 
-
-def diff_in_weights(model, proxy):
-    diff_dict = OrderedDict()
-    model_state_dict = model.state_dict()
-    proxy_state_dict = proxy.state_dict()
-    for (old_k, old_w), (new_k, new_w) in zip(model_state_dict.items(), proxy_state_dict.items()):
-        if len(old_w.size()) <= 1:
-            continue
-        if 'weight' in old_k:
-            diff_w = new_w - old_w
-            diff_dict[old_k] = old_w.norm() / (diff_w.norm() + EPS) * diff_w
-    return diff_dict
-
-
-def add_into_weights(model, diff, coeff=1.0):
-    names_in_diff = diff.keys()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in names_in_diff:
-                param.add_(coeff * diff[name])
-
-
-class AdvWeightPerturb(object):  # AT_AWP/utils_awp.py
-    def __init__(self, model, proxy, proxy_optim, gamma):
-        self.model, self.proxy, self.proxy_optim, self.gamma = model, proxy, proxy_optim, gamma
-
-    def calc_awp(self, inputs_adv, targets):
-        self.proxy.load_state_dict(self.model.state_dict())
-        self.proxy.train()
-        loss = - F.cross_entropy(self.proxy(inputs_adv), targets)
-        self.proxy_optim.zero_grad()
-        loss.backward()
-        self.proxy_optim.step()
-        return diff_in_weights(self.model, self.proxy)
-
-    def perturb(self, diff):
-        add_into_weights(self.model, diff, coeff=1.0 * self.gamma)
-
-    def restore(self, diff):
-        add_into_weights(self.model, diff, coeff=-1.0 * self.gamma)
-
-
-class TradesAWP(AdvWeightPerturb):  # trades_AWP/utils_awp.py
-    def calc_awp(self, inputs_adv, inputs_clean, targets, beta):
-        self.proxy.load_state_dict(self.model.state_dict())
-        self.proxy.train()
-        loss_natural = F.cross_entropy(self.proxy(inputs_clean), targets)
-        loss_robust = F.kl_div(F.log_softmax(self.proxy(inputs_adv), dim=1),
-                               F.softmax(self.proxy(inputs_clean), dim=1),
-                               reduction='batchmean')
-        loss = - 1.0 * (loss_natural + beta * loss_robust)
-        self.proxy_optim.zero_grad()
-        loss.backward()
-        self.proxy_optim.step()
-        return diff_in_weights(self.model, self.proxy)
-
-
+# --------------------------------------------------------------------------- the reference's steps (transcribed)
+# AT_AWP/utils_awp.py and trades_AWP/utils_awp.py are in tests/awp_reference.py.
 def reference_at_step(model, opt, awp_adversary, X_adv, y, epoch, awp_warmup=0):
     """The body of train_cifar10.py's batch loop after the attack (no mixup, no l1)."""
     model.train()
