@@ -25,7 +25,8 @@ import torch
 from cli_testing import assert_one_line_error, invoke
 from subprocess_guard import communicate_with_hang_guard, run_with_hang_guard
 
-from at_memorization.reproduce import Options, PlanError, ReproduceError, read_plan, reproduce
+from at_memorization.plan import PlanError, read_plan
+from at_memorization.reproduce import Options, ReproduceError, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS_DIR = ROOT / "configs" / "plans"
