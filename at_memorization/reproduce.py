@@ -53,6 +53,7 @@ from .settings import SETTINGS_BY_NAME, SettingError, resume_settings
 _AT_MEM = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "at_memorization"]
 STATUS_FORMAT = 1
 LOCK_WAIT_S = 120  # how long a task waits for its run folder to be released by another process
+STATUS_EVERY_S = 30  # status.json is rewritten at least this often: a SIGKILL loses less time than this
 
 
 # --------------------------------------------------------------------------- what is done
@@ -146,6 +147,7 @@ class Task:
     detail: str = ""
     process: subprocess.Popen | None = None
     started: float = 0.0
+    earlier_seconds: float = 0.0  # its time in earlier attempts (status.json), this attempt's added to it
     log: Path | None = None
 
     @property
@@ -219,6 +221,7 @@ class Reproduction:
         self.waiting: dict[str, float] = {}  # task key -> since when its run folder is busy elsewhere
         self._call = self._call_start = None
         self._pending_count = 0
+        self._saved_at = time.monotonic()
 
     # -- DIR and its status file
     def _read_status(self) -> dict:
@@ -232,8 +235,15 @@ class Reproduction:
     def _save_status(self) -> None:
         if self.options.dry_run:
             return
-        if self._call is not None:  # kept current: a call killed by SIGKILL still counts up to its last save
-            self._call["seconds"] = round(time.monotonic() - self._call_start, 1)
+        # Kept current, the call's and each running task's time: a call killed by SIGKILL (a session's
+        # end) still counts up to its last save, at most STATUS_EVERY_S ago.
+        now = time.monotonic()
+        if self._call is not None:
+            self._call["seconds"] = round(now - self._call_start, 1)
+        for task in self.tasks:
+            if task.process is not None:
+                self.status["tasks"][task.key]["seconds"] = round(task.earlier_seconds + now - task.started, 1)
+        self._saved_at = now
         _write_atomic(json.dumps(self.status, indent=2) + "\n", self.status_path)
 
     def check_out_dir(self) -> None:
@@ -443,6 +453,7 @@ class Reproduction:
         task.state, task.started = "running", time.monotonic()
         record = self.status["tasks"].setdefault(task.key, {"seconds": 0.0, "attempts": 0})
         record["attempts"] += 1
+        task.earlier_seconds = record.get("seconds", 0.0)
         record.update(state="running", started=_now(), command=command, log=str(task.log.relative_to(self.out)))
         self._save_status()
         where = f" on {device}" if device else ""
@@ -457,7 +468,7 @@ class Reproduction:
     def _finish(self, task: Task, code: int) -> None:
         seconds = time.monotonic() - task.started
         record = self.status["tasks"][task.key]
-        record["seconds"] = round(record.get("seconds", 0.0) + seconds, 1)
+        record["seconds"] = round(task.earlier_seconds + seconds, 1)
         record["exit_status"] = code
         record["ended"] = _now()
         task.process = None
@@ -629,6 +640,8 @@ class Reproduction:
                         return
                     time.sleep(self.options.poll_seconds)  # a run folder busy elsewhere: wait for it
                 continue
+            if time.monotonic() - self._saved_at >= STATUS_EVERY_S:
+                self._save_status()
             time.sleep(self.options.poll_seconds)
 
     def _print_plan(self) -> None:

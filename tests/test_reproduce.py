@@ -416,6 +416,55 @@ def test_a_signal_while_a_child_starts_stops_that_child_too(plan_text, tmp_path,
     assert task["state"] == "stopped" and task["exit_status"] == -signal.SIGTERM, task
 
 
+# A reproduce process whose children sleep instead of training, and whose status.json is kept current
+# every 0.2 s (30 s in use): the test kills it as a session's end does.
+KILLED_SCRIPT = """
+import subprocess, sys
+from pathlib import Path
+import at_memorization.reproduce as module
+from at_memorization.reproduce import Options, reproduce
+
+class Children:
+    def __init__(self):
+        self.Popen = lambda command, **kwargs: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                                                **kwargs)
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+module.subprocess = Children()
+module.STATUS_EVERY_S = 0.2
+sys.exit(reproduce(Path(sys.argv[1]), Options(out=Path(sys.argv[2]), only=("pgd-at-s0",), poll_seconds=0.05)))
+"""
+
+
+def test_a_call_killed_outright_keeps_the_time_its_running_tasks_took(plan_text, tmp_path):
+    # Before: a task's seconds were written when it ended, so a run whose call was SIGKILLed (every
+    # process ends with a session) lost that attempt's time: a 40-epoch run read "2.6 min" of training.
+    plan, out = tmp_path / "plan.toml", tmp_path / "study"
+    plan.write_text(plan_text)
+    proc = subprocess.Popen([sys.executable, "-P", "-c", KILLED_SCRIPT, str(plan), str(out)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: (out / "status.json").is_file() and _status(out)["tasks"].get(
+            "pgd-at-s0/train", {}).get("seconds", 0) >= 1.5, proc, "1.5 s of the task in status.json", 60)
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        _kill_leftovers(out)
+    status = _status(out)
+    task = status["tasks"]["pgd-at-s0/train"]
+    assert task["state"] == "running" and task["attempts"] == 1 and task["seconds"] >= 1.5, task
+    assert status["calls"][-1]["seconds"] >= task["seconds"] - 0.5 and "ended" not in status["calls"][-1]
+
+    # The next call adds its attempt's time to the first's (its child ends at once, failing).
+    lines = []
+    code = reproduce(plan, Options(out=out, only=("pgd-at-s0",), echo=lines.append, poll_seconds=0.05))
+    assert code == 1, lines
+    again = _status(out)["tasks"]["pgd-at-s0/train"]
+    assert again["attempts"] == 2 and again["state"] == "failed", again
+    assert task["seconds"] <= again["seconds"] < task["seconds"] + 120, (task, again)
+
+
 @pytest.mark.slow
 def test_a_task_that_completed_its_files_is_done_though_the_stop_ended_it(finished, tmp_path, monkeypatch,
                                                                           no_stray_sigint):
