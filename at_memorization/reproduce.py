@@ -595,8 +595,9 @@ class Reproduction:
             return 1
         return 0
 
-    def command_line(self) -> str:
-        """The command that continues this study, with the options of this call."""
+    def command_line(self, *, only: bool = True) -> str:
+        """The command that continues this study, with the options of this call (without its
+        ``--only`` patterns when ``only`` is false: the command that continues every run)."""
         parts = ["at-mem", "reproduce", str(self.plan.path), "--out", str(self.out)]
         if self.options.jobs > 1:
             parts += ["--jobs", str(self.options.jobs)]
@@ -606,7 +607,7 @@ class Reproduction:
             parts += ["--threads", str(self.options.threads)]
         if self.options.data_dir:
             parts += ["--data-dir", self.options.data_dir]
-        for pattern in self.options.only:
+        for pattern in self.options.only if only else ():
             parts += ["--only", f"'{pattern}'"]
         return " ".join(parts)
 
@@ -754,8 +755,11 @@ class Reproduction:
         if plan.description:
             lines += [plan.description.strip(), ""]
         lines += ["Made by `at-mem reproduce`; run it again to continue or to refresh this page:", "", "```bash",
-                  self.command_line(), "```", "",
-                  f"- Plan: [`plan.toml`](plan.toml) ({len(plan.runs)} runs of {len(plan.arms)} arms: "
+                  self.command_line(only=False), "```", ""]
+        if self.options.only:  # a call limited to some runs; the page is the whole study's
+            lines += [f"(The last call ran only the runs matching {' '.join(repr(p) for p in self.options.only)}: "
+                      f"`{self.command_line()}`.)", ""]
+        lines += [f"- Plan: [`plan.toml`](plan.toml) ({len(plan.runs)} runs of {len(plan.arms)} arms: "
                   f"{', '.join(a.name for a in plan.arms)}; seeds {', '.join(map(str, plan.seeds))}).",
                   f"- Machine: {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} CPUs)"
                   + (f", {', '.join(machine['gpus'])}" if machine.get("gpus") else "")

@@ -463,6 +463,10 @@ def test_a_call_killed_outright_keeps_the_time_its_running_tasks_took(plan_text,
     again = _status(out)["tasks"]["pgd-at-s0/train"]
     assert again["attempts"] == 2 and again["state"] == "failed", again
     assert task["seconds"] <= again["seconds"] < task["seconds"] + 120, (task, again)
+    # README.md continues the whole study, and says that the call was limited to some runs.
+    readme = (out / "README.md").read_text()
+    assert f"```bash\nat-mem reproduce {plan} --out {out}\n```" in readme, readme
+    assert "(The last call ran only the runs matching 'pgd-at-s0'" in readme, readme
 
 
 @pytest.mark.slow
