@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -812,3 +813,24 @@ def test_a_finished_run_without_its_checkpoints_is_not_trained_again(finished, t
     assert again.returncode == 1, again.stderr
     assert "holds the run's records but not its checkpoints" in again.stderr
     assert (copy / "runs" / "pgd-at-s0" / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_the_python_snippet_of_docs_reproduce_md_runs_verbatim(mnist_dir, tmp_path):
+    # The snippet as a user copies it, in a fresh process from the repository root (the smoke plan's
+    # data_dir is relative to it); only its output folder is moved under tmp_path.
+    text = (ROOT / "docs" / "reproduce.md").read_text()
+    snippet = re.search(r"## Python\n\n```python\n(.*?)```", text, re.S).group(1)
+    assert 'Path("/tmp/smoke")' in snippet, snippet
+    if mnist_dir.resolve() != (ROOT.parent / "shared" / "data" / "mnist").resolve():
+        pytest.skip(f"the smoke plan reads ../shared/data/mnist; the data here is {mnist_dir}")
+    out = tmp_path / "smoke"
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace('"/tmp/smoke"', repr(str(out))))
+    done = run_with_hang_guard([sys.executable, "-P", str(script)], env=_env(), cwd=ROOT, silence_s=SILENCE_S)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FAILED" not in done.stderr, done.stderr
+    status = _status(out)
+    assert status["tasks"] and all(t["state"] == "done" for t in status["tasks"].values()), status["tasks"]
+    assert _table_rows((out / "report.md").read_text()) and (out / "README.md").is_file()
+
