@@ -833,4 +833,3 @@ def test_the_python_snippet_of_docs_reproduce_md_runs_verbatim(mnist_dir, tmp_pa
     status = _status(out)
     assert status["tasks"] and all(t["state"] == "done" for t in status["tasks"].values()), status["tasks"]
     assert _table_rows((out / "report.md").read_text()) and (out / "README.md").is_file()
-
