@@ -1,40 +1,60 @@
-"""The committed MNIST study (results/evidence) against the plan rerun (results/mnist-label-noise):
-the two tables and per-seed values of docs/REPRODUCTION.md section 1. Run from the repository root."""
-import json, sys
-A = json.load(open('docs/results/evidence/report.json'))
-B = json.load(open(sys.argv[1] if len(sys.argv) > 1 else 'docs/results/mnist-label-noise/report.json'))
-cols = ['best_epoch', 'best_pgd20', 'final_clean', 'final_pgd20', 'final_cw', 'final_autoattack', 'gap_pgd20', 'final_train_robust']
-def fmt(m, key, paired=False):
-    if not m or m.get('n', 0) == 0: return '-'
-    s = 1 if key == 'best_epoch' else 100
-    mean = m['mean'] * s; sign = '+' if paired and mean > 0 else ''
-    if m['n'] == 1: return f"{sign}{mean:.1f} (s0)"
-    return f"{sign}{mean:.1f} ± {(m.get('std') or 0)*s:.1f}"
-ga = {g['label']: g for g in A['groups']}
-print('| method | | seeds | ' + ' | '.join(B['metrics'][c] for c in cols) + ' |')
-print('|---|---|---|' + '---|' * len(cols))
-for g in B['groups']:
-    a = ga.get(g['label'])
-    if a:
-        print(f"| {g['label']} | committed | {a['n_seeds']} | " + ' | '.join(fmt(a['metrics'].get(c), c) for c in cols) + ' |')
-    print(f"| {g['label'] if not a else ''} | rerun | {g['n_seeds']} | " + ' | '.join(fmt(g['metrics'].get(c), c) for c in cols) + ' |')
-pa = {(p['other'], p['base']): p for p in A['paired']}
-pc = ['final_clean', 'final_pgd20', 'final_cw', 'final_autoattack', 'gap_pgd20']
+"""The committed MNIST study (results/evidence) against the plan's rerun (results/mnist-label-noise):
+the two tables and the per-seed values of docs/REPRODUCTION.md section 1, from the two studies'
+report.json (`at-mem report --format json`). Run from the repository root."""
+import json
+import sys
+
+COMMITTED = json.load(open("docs/results/evidence/report.json"))
+RERUN = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "docs/results/mnist-label-noise/report.json"))
+GROUP_COLUMNS = ["best_epoch", "best_pgd20", "final_clean", "final_pgd20", "final_cw", "final_autoattack",
+                 "gap_pgd20", "final_train_robust"]
+PAIRED_COLUMNS = ["final_clean", "final_pgd20", "final_cw", "final_autoattack", "gap_pgd20"]
+
+
+def cell(metric, key, signed):
+    if not metric or not metric.get("n"):
+        return "-"
+    scale = 1 if key == "best_epoch" else 100
+    mean = metric["mean"] * scale
+    text = ("+" if signed and mean > 0 else "") + f"{mean:.1f}"
+    # a metric with one seed is AutoAttack, measured on seed 0 only
+    return text + " (s0)" if metric["n"] == 1 else text + f" ± {(metric.get('std') or 0) * scale:.1f}"
+
+
+def side_by_side(first_header, count_key, rows, committed_by_name, name_of, columns, signed):
+    """One row per rerun row, preceded by the committed row of the same name where there is one."""
+    lines = [f"| {first_header} | | {count_key.split('_')[1]} | "
+             + " | ".join(RERUN["metrics"][c] for c in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    for row in rows:
+        name, committed = name_of(row), committed_by_name.get(name_of(row))
+        for label, source in (("committed", committed), ("rerun", row)):
+            if source is not None:
+                shown = name if label == "committed" or committed is None else ""
+                lines.append(f"| {shown} | {label} | {source[count_key]} | "
+                             + " | ".join(cell(source["metrics"].get(c), c, signed) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def group_name(group):
+    return group["label"]
+
+
+def pair_name(pair):
+    return f"{pair['other']} - {pair['base']}"
+
+
+def percent(group, key):
+    return [round(100 * v, 1) for v in group["metrics"][key]["values"]] if group else None
+
+
+committed_groups = {group_name(g): g for g in COMMITTED["groups"]}
+print(side_by_side("method", "n_seeds", RERUN["groups"], committed_groups, group_name, GROUP_COLUMNS, False))
 print()
-print('| OTHER - BASE | | pairs | ' + ' | '.join(B['metrics'][c] for c in pc) + ' |')
-print('|---|---|---|' + '---|' * len(pc))
-for p in B['paired']:
-    a = pa.get((p['other'], p['base']))
-    name = f"{p['other']} - {p['base']}"
-    if a:
-        print(f"| {name} | committed | {a['n_pairs']} | " + ' | '.join(fmt(a['metrics'].get(c), c, True) for c in pc) + ' |')
-    print(f"| {name if not a else ''} | rerun | {p['n_pairs']} | " + ' | '.join(fmt(p['metrics'].get(c), c, True) for c in pc) + ' |')
-# per-seed final PGD-20 values
+print(side_by_side("OTHER - BASE", "n_pairs", RERUN["paired"], {pair_name(p): p for p in COMMITTED["paired"]},
+                   pair_name, PAIRED_COLUMNS, True))
 print()
-for g in B['groups']:
-    a = ga.get(g['label'])
-    vb = [round(100*v,1) for v in g['metrics']['final_pgd20']['values']]
-    gb = [round(100*v,1) for v in g['metrics']['gap_pgd20']['values']]
-    va = [round(100*v,1) for v in a['metrics']['final_pgd20']['values']] if a else None
-    gaa = [round(100*v,1) for v in a['metrics']['gap_pgd20']['values']] if a else None
-    print(g['label'], 'final pgd20 committed', va, 'rerun', vb, '| gap committed', gaa, 'rerun', gb)
+for group in RERUN["groups"]:
+    committed = committed_groups.get(group_name(group))
+    print(group["label"], "final pgd20 committed", percent(committed, "final_pgd20"), "rerun", percent(group, "final_pgd20"),
+          "| gap committed", percent(committed, "gap_pgd20"), "rerun", percent(group, "gap_pgd20"))

@@ -4,7 +4,7 @@
 # milestones stay at the plan's 20,30, so the lr is the plan's 0.05 throughout).
 # Run from the repository root; each run took under 2 minutes on one core.
 set -euo pipefail
-D=docs/results/evidence/awp-smallcnn/runs
+D=${OUT:-docs/results/evidence/awp-smallcnn/runs}  # OUT=DIR: somewhere else
 common="--dataset mnist --data-dir ../shared/data/mnist --model smallcnn --drop-rate 0 --label-noise 0.4
   --train-size 500 --test-size 500 --batch-size 32 --lr 0.05 --epochs 5 --milestones 20,30
   --eps 0.1 --step-size 0.04 --steps 3 --device cpu --seed 0"
