@@ -1,51 +1,21 @@
 """at-memorization: adversarial training that memorizes (Dong et al., ICLR 2022).
 
-Importing the package registers our CIFAR/MNIST backbones in timm's registry (the ``at-mem`` CLI
-starts without timm and torch and imports them where a command needs them). The drop-in
+Importing the package imports neither torch nor timm: our CIFAR/MNIST backbones are registered in
+timm's registry when timm is imported (at once if it already was; ``_compat.install_import_hooks``),
+so ``import at_memorization; import timm; timm.create_model("preactresnet18")`` works, and the
+``at-mem`` CLI starts fast. ``build_model``, ``load_model``, ``robustbench_protocol`` and the drop-in
 temporal-ensembling API (``TELoss``, ``TEPGD``, ``WithIndex``, ``without_index``, ``te_penalty``;
-docs/drop_in.md) comes from the bundled plugin and is imported on first use.
+docs/drop_in.md, from the bundled plugin) are imported on first use.
 """
 
 __version__ = "0.1.0"
 
-
-def _launched_as_cli() -> bool:
-    """Whether this process is the ``at-mem`` CLI: its console script, or ``python -m at_memorization``.
-
-    Python imports this package before the CLI's own modules (``at_memorization.cli``,
-    ``__main__``), and importing timm here makes torch raise a deprecation warning, so the CLI's
-    warning filters (``_quiet``) must be installed from here. Library imports are left alone.
-    """
-    import os
-    import re
-    import sys
-
-    argv0 = sys.argv[0] if sys.argv else ""
-    # pip's console scripts strip these suffixes from argv[0] only after importing the entry point.
-    if re.sub(r"(-script\.pyw?|\.exe)$", "", os.path.basename(argv0)) == "at-mem":
-        return True
-    if argv0 != "-m":  # while runpy imports the package of `python -m X`, argv[0] is "-m"
-        return False
-    orig = list(getattr(sys, "orig_argv", ()))
-    for arg, value in zip(orig[1:], orig[2:] + [""]):
-        option = re.fullmatch(r"-[bBdEiIOPqsSuv]*m(.*)", arg)  # -m X, -mX, -um X, ...
-        if option:
-            return (option.group(1) or value) == "at_memorization"
-    return False
-
-
-_AS_CLI = _launched_as_cli()
-if _AS_CLI:
-    from . import _quiet  # noqa: F401  (before timm and torch are imported, by us or anyone)
-
 from ._compat import install_import_hooks
 
-install_import_hooks()  # a plain `import robustbench` works from here on (docs/robustbench.md)
+# From here on a plain `import robustbench` works (docs/robustbench.md), and timm, imported before or
+# after, holds our backbones. Nothing is imported for it now, and no warning filter is set.
+install_import_hooks()
 del install_import_hooks
-
-if not _AS_CLI:  # the CLI starts without timm and torch: its commands import models when they need it
-    from . import models  # noqa: F401  (registers the backbones in timm)
-    from .models import build_model
 
 # The drop-in temporal-ensembling API (docs/drop_in.md), from the bundled plugin on first use.
 _TE_EXPORTS = ("TELoss", "TEPGD", "WithIndex", "te_penalty", "without_index")
@@ -64,7 +34,7 @@ def load_model(checkpoint_path):
 
 
 def __getattr__(name):
-    if name == "build_model":  # only under the CLI, which did not import models above
+    if name == "build_model":
         from .models import build_model
 
         return build_model

@@ -1,4 +1,4 @@
-"""Make RobustBench 1.1.1 from PyPI importable and usable.
+"""Make RobustBench 1.1.1 from PyPI importable and usable, and timm hold our backbones once imported.
 
 Three things are broken in a plain ``pip install robustbench`` (see the project's ECOSYSTEM notes):
 
@@ -23,6 +23,10 @@ works too: two ``sys.meta_path`` finders, cheap to install (nothing is imported 
   naming the fix) instead of a confusing ImportError from inside robustbench. It never imports
   robustbench itself, and does nothing when robustbench is not installed.
 
+A third finder, also at the front, registers our backbones in timm's registry as soon as ``timm`` is
+imported, by anyone (at once, if it already was): ``import at_memorization`` itself imports neither
+timm nor torch. See :class:`_TimmRegistration`.
+
 A plain ``import robustbench`` *without* importing at_memorization first still fails with
 ``No module named 'autoattack'`` (RobustBench issue #211): making it work would need code run at every
 interpreter start (a ``.pth`` hook) or a top-level ``autoattack`` package of ours, which would
@@ -43,12 +47,14 @@ import types
 import warnings
 from pathlib import Path
 
+from .user_errors import UserError
+
 ROBUSTBENCH_FIX = "pip install --force-reinstall --no-deps robustbench==1.1.1"
 # Files whose torchattacks copy differs from robustbench's own (eval.py is commented out there).
 _CHECKED_FILES = ("robustbench/eval.py", "robustbench/utils.py")
 
 
-class RobustBenchUnavailable(RuntimeError, ImportError):
+class RobustBenchUnavailable(UserError, RuntimeError, ImportError):
     """RobustBench cannot be used as installed; the message says how to fix it (one line).
 
     Also an ImportError, because ``import robustbench`` raises it (after ``import at_memorization``).
@@ -150,16 +156,69 @@ class _RobustBenchPreflight(importlib.abc.MetaPathFinder):
         return None  # the normal finders import it
 
 
-def install_import_hooks() -> None:
-    """Let a plain ``import robustbench`` work (idempotent; run by ``import at_memorization``).
+def _register_backbones() -> None:
+    """Import ``at_memorization.models``, whose import registers our backbones in timm's registry.
 
-    Adds the two ``sys.meta_path`` finders described in the module docstring; imports nothing.
+    Cannot recurse: timm is in ``sys.modules`` by now, so the models module's ``import timm`` does not
+    reach the finder below again; and when the models module is what imported timm (it is in
+    ``sys.modules`` already, half run), its own body registers them once timm is loaded.
+    """
+    if f"{__package__}.models" not in sys.modules:
+        importlib.import_module(".models", __package__)
+
+
+class _RegisterAfterTimm(importlib.abc.Loader):
+    """timm's own loader, then ``_register_backbones``."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        # timm keeps its own loader (importlib.resources and the like look it up there).
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _register_backbones()
+
+
+class _TimmRegistration(importlib.abc.MetaPathFinder):
+    """First on ``sys.meta_path``: when ``timm`` is imported, the finders after this one find it, and
+    our backbones are registered once its module has run."""
+
+    _at_mem_hook = "timm-registration"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "timm":
+            return None
+        for finder in sys.meta_path:
+            if getattr(finder, "_at_mem_hook", None) == self._at_mem_hook:  # this one, or a copy
+                continue
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _RegisterAfterTimm(spec.loader)
+                return spec
+        return None  # not installed: Python's own error
+
+
+def install_import_hooks() -> None:
+    """Let a plain ``import robustbench`` work, and timm hold our backbones (idempotent; run by
+    ``import at_memorization``).
+
+    Adds the three ``sys.meta_path`` finders described in the module docstring; imports nothing
+    unless timm was imported already (then our backbones are registered at once).
     """
     hooks = {getattr(finder, "_at_mem_hook", None) for finder in sys.meta_path}
     if _RobustBenchPreflight._at_mem_hook not in hooks:
         sys.meta_path.insert(0, _RobustBenchPreflight())
     if _AutoAttackAliasFinder._at_mem_hook not in hooks:
         sys.meta_path.append(_AutoAttackAliasFinder())
+    if _TimmRegistration._at_mem_hook not in hooks:
+        sys.meta_path.insert(0, _TimmRegistration())
+    if sys.modules.get("timm") is not None:
+        _register_backbones()
 
 
 def _record_hashes(dist: importlib.metadata.Distribution) -> dict[str, str]:

@@ -8,10 +8,9 @@ other packages' code raises: ``DeprecationWarning``, ``PendingDeprecationWarning
 Nothing else is touched: warnings attributed to our own code, every other category, and errors stay
 as they are.
 
-It is imported by the CLI only (``at_memorization.cli``, ``python -m at_memorization``, and the
-package ``__init__`` when the process was launched as the ``at-mem`` CLI, so that the filters are in
-place before timm and torch are imported). Importing ``at_memorization`` as a library leaves the
-warning filters alone.
+It is imported by the CLI only, first (``at_memorization.cli`` and ``__main__``): the package's
+``__init__`` imports neither timm nor torch, so the filters are in place before they are imported.
+Importing ``at_memorization`` as a library leaves the warning filters alone.
 
 When the user asked for warnings explicitly (``python -W ...``, ``PYTHONWARNINGS``, ``-X dev``),
 nothing is installed, so ``python -W default -m at_memorization ...`` shows them all again.

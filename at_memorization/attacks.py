@@ -1,4 +1,4 @@
-"""torchattacks subclasses whose inner loss must change, and the evaluation attacks.
+"""The package's PGD loop (a torchattacks ``PGD`` subclass with hooks), its variants, and the evaluation attacks.
 
 ``PenalizedPGD`` and ``PenalizedTPGD`` accept a ``penalty(logits) -> scalar`` added to the inner
 loss at every step (temporal ensembling uses this). Without a penalty they compute exactly what
@@ -55,7 +55,14 @@ class _InputGradientsOnly:
 
 
 class PenalizedPGD(_InputGradientsOnly, torchattacks.PGD):
-    """Madry et al.'s PGD (Linf or L2) maximizing ``loss_fn(logits, labels) + penalty(logits)``."""
+    """Madry et al.'s PGD (Linf or L2) maximizing ``loss_fn(logits, labels) + penalty(logits)``.
+
+    The package's one PGD loop: ``forward`` reads top to bottom, and an attack that differs overrides
+    its hooks, not the loop: ``_target`` (what the inner loss compares the logits with),
+    ``_random_start`` (the first point, clamped to [0, 1] or not), ``_inner_loss`` (and ``loss_fn``)
+    and ``_step`` (the ascent step and projection). ``CWLinf``, ``PenalizedTPGD`` (TRADES) and the MART
+    plugin's ``MARTPGD`` do so.
+    """
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, norm="Linf"):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
@@ -64,17 +71,44 @@ class PenalizedPGD(_InputGradientsOnly, torchattacks.PGD):
         self.norm = norm
         self.supported_mode = ["default"]
 
-    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
+    def forward(self, images, labels=None, penalty: Penalty = None, clean_logits: torch.Tensor | None = None):
+        """``x_adv`` for the batch. ``clean_logits``: the clean batch's logits, for an attack whose
+        target is computed from them (TRADES' KL target); the others ignore them."""
+        images = images.clone().detach().to(self.device)
+        target = self._target(images, labels, clean_logits)
+        adv_images = self._random_start(images) if self.random_start else images.clone().detach()
+        for _ in range(self.steps):
+            adv_images.requires_grad = True
+            logits = self.get_logits(adv_images)
+            cost = self._inner_loss(logits, target, penalty)
+            # Input gradients only: no weight gradients are accumulated during the attack.
+            grad = torch.autograd.grad(cost, adv_images)[0]
+            adv_images = self._step(adv_images, images, grad)
+        # Every step ends in [0, 1]. Without steps this is the start, which TRADES' L2 and MART's
+        # references leave unclamped before their loops and clamp after them.
+        return torch.clamp(adv_images, min=0, max=1).detach()
+
+    # ------------------------------------------------------------------ the hooks
+    def _target(self, images: torch.Tensor, labels, clean_logits: torch.Tensor | None):
+        return labels.clone().detach().to(self.device)
 
     def _random_start(self, images: torch.Tensor) -> torch.Tensor:
         if self.norm == "Linf":
-            return images + torch.empty_like(images).uniform_(-self.eps, self.eps)
-        # L2: a uniform direction with a radius in [0, eps], as torchattacks' PGDL2.
-        delta = torch.randn_like(images)
-        norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        radius = torch.empty_like(norms).uniform_(0, 1)
-        return images + delta / norms.clamp_min(1e-12) * radius * self.eps
+            start = images + torch.empty_like(images).uniform_(-self.eps, self.eps)
+        else:
+            # L2: a uniform direction with a radius in [0, eps], as torchattacks' PGDL2.
+            delta = torch.randn_like(images)
+            norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            radius = torch.empty_like(norms).uniform_(0, 1)
+            start = images + delta / norms.clamp_min(1e-12) * radius * self.eps
+        return torch.clamp(start, min=0, max=1).detach()
+
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    def _inner_loss(self, logits: torch.Tensor, target, penalty: Penalty) -> torch.Tensor:
+        cost = self.loss_fn(logits, target)
+        return cost if penalty is None else cost + penalty(logits)
 
     def _step(self, adv_images, images, grad):
         if self.norm == "Linf":
@@ -86,23 +120,6 @@ class PenalizedPGD(_InputGradientsOnly, torchattacks.PGD):
             delta_norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             delta = delta * torch.clamp(self.eps / delta_norms.clamp_min(1e-12), max=1.0)
         return torch.clamp(images + delta, min=0, max=1).detach()
-
-    def forward(self, images, labels, penalty: Penalty = None):
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        adv_images = images.clone().detach()
-        if self.random_start:
-            adv_images = torch.clamp(self._random_start(adv_images), min=0, max=1).detach()
-        for _ in range(self.steps):
-            adv_images.requires_grad = True
-            logits = self.get_logits(adv_images)
-            cost = self.loss_fn(logits, labels)
-            if penalty is not None:
-                cost = cost + penalty(logits)
-            # Input gradients only: no weight gradients are accumulated during the attack.
-            grad = torch.autograd.grad(cost, adv_images)[0]
-            adv_images = self._step(adv_images, images, grad)
-        return adv_images
 
 
 def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,7 +144,7 @@ class CWLinf(PenalizedPGD):
         return (-margins(logits.float(), labels)).clamp(max=self.kappa).mean()
 
 
-class PenalizedTPGD(_InputGradientsOnly, torchattacks.TPGD):
+class PenalizedTPGD(PenalizedPGD):
     """TRADES' attack: maximize ``(beta/B) * KL_sum(adv || clean) + penalty(adv logits)``.
 
     ``beta`` only rescales the KL term, which matters when a penalty is added (TRADES+TE).
@@ -142,41 +159,33 @@ class PenalizedTPGD(_InputGradientsOnly, torchattacks.TPGD):
     """
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, beta: float = 1.0, norm="Linf"):
-        super().__init__(model, eps=eps, alpha=alpha, steps=steps)
-        if norm not in ("Linf", "L2"):
-            raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=True, norm=norm)
         self.beta = beta
-        self.norm = norm
 
-    def forward(self, images, labels=None, penalty: Penalty = None, clean_logits: torch.Tensor | None = None):
-        images = images.clone().detach().to(self.device)
+    def _target(self, images, labels, clean_logits):
+        """The clean distribution (labels are not used)."""
         if clean_logits is None:
             with torch.no_grad():  # a fixed target: no graph to keep alive through the steps
                 clean_logits = self.get_logits(images)
-        clean_probs = F.softmax(clean_logits.detach().float(), dim=1)
-        adv_images = images + 0.001 * torch.randn_like(images)
+        return F.softmax(clean_logits.detach().float(), dim=1)
+
+    def _random_start(self, images):
+        start = images + 0.001 * torch.randn_like(images)
+        return (torch.clamp(start, min=0, max=1) if self.norm == "Linf" else start).detach()
+
+    def _inner_loss(self, logits, target, penalty):
+        cost = F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="sum")
+        return cost if penalty is None else self.beta / logits.shape[0] * cost + penalty(logits)
+
+    def _step(self, adv_images, images, grad):
         if self.norm == "Linf":
-            adv_images = torch.clamp(adv_images, min=0, max=1)
-        adv_images = adv_images.detach()
-        scale = self.beta / images.shape[0]
-        for _ in range(self.steps):
-            adv_images.requires_grad = True
-            logits = self.get_logits(adv_images)
-            cost = F.kl_div(F.log_softmax(logits.float(), dim=1), clean_probs, reduction="sum")
-            if penalty is not None:
-                cost = scale * cost + penalty(logits)
-            grad = torch.autograd.grad(cost, adv_images)[0]
-            if self.norm == "Linf":
-                adv_images = adv_images.detach() + self.alpha * grad.sign()
-                delta = torch.clamp(adv_images - images, min=-self.eps, max=self.eps)
-                adv_images = torch.clamp(images + delta, min=0, max=1).detach()
-            else:  # the paper's code, operation for operation (see the class docstring)
-                shape = (-1,) + (1,) * (images.dim() - 1)
-                grad_norms = torch.norm(grad.reshape(grad.shape[0], -1), dim=1).view(shape)
-                delta = adv_images.detach() + self.alpha * (grad / (grad_norms + 1e-10)) - images
-                delta = delta.reshape(images.shape[0], -1).renorm(p=2, dim=0, maxnorm=self.eps).view_as(images)
-                adv_images = torch.clamp(images + delta, min=0, max=1).detach()
-        return torch.clamp(adv_images, min=0, max=1) if self.norm == "L2" else adv_images
+            return super()._step(adv_images, images, grad)
+        # the paper's code, operation for operation (see the class docstring)
+        shape = (-1,) + (1,) * (images.dim() - 1)
+        grad_norms = torch.norm(grad.reshape(grad.shape[0], -1), dim=1).view(shape)
+        delta = adv_images.detach() + self.alpha * (grad / (grad_norms + 1e-10)) - images
+        delta = delta.reshape(images.shape[0], -1).renorm(p=2, dim=0, maxnorm=self.eps).view_as(images)
+        return torch.clamp(images + delta, min=0, max=1).detach()
 
 
 # --------------------------------------------------------------------------- evaluation attacks

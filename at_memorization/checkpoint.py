@@ -19,72 +19,27 @@ folder's business (``at_memorization.runfolder``).
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
+from .atomic import write_atomic
 from .settings import RunConfig
+from .user_errors import UserError
 
 FORMAT = "at-memorization"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The file is not a usable at-memorization checkpoint; the message says why."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give the temporary file (created 0600 by mkstemp) normal permissions, then rename it."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-class WriteError(OSError):
-    """A file could not be written (disk full, file size limit, read-only folder); the message names
-    the file and the operating system's reason in one line. The previous version of the file is intact."""
-
-
-def _write_atomic(path: str | Path, mode: str, write) -> None:
-    """Write to a temporary file in the same folder, fsync it, then rename over ``path``.
-
-    A reader (or a resumed run) sees either the old file or the new one, never a partial write.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _publish(tmp, path)
-    except OSError as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        failure = WriteError(f"cannot write {path}: {error.strerror or error} [Errno {error.errno}]")
-        failure.errno = error.errno
-        raise failure from error
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_atomic(obj, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically.
+    """``torch.save`` to ``path`` atomically (``atomic.write_atomic``).
 
     Serialized in memory first, then written with plain file writes: a failing write then reports
     the operating system's reason ("File too large", "No space left on device") instead of
@@ -92,27 +47,7 @@ def save_atomic(obj, path: str | Path) -> None:
     """
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    _write_atomic(path, "wb", lambda handle: handle.write(buffer.getbuffer()))
-
-
-def link_or_copy(source: str | Path, target: str | Path) -> None:
-    """Make ``target`` the same file as ``source`` (a hard link, so no copy; a copy where the file
-    system has no hard links), replacing ``target`` atomically."""
-    source, target = Path(source), Path(target)
-    if target.is_file() and os.path.samefile(source, target):
-        return
-    link = target.parent / f".{target.name}.{os.getpid()}.tmp"
-    link.unlink(missing_ok=True)
-    try:
-        os.link(source, link)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(source, link)
-    os.replace(link, target)
-    link.unlink(missing_ok=True)  # rename() between two links of one file leaves both names
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    _write_atomic(path, "w", lambda handle: handle.write(text))
+    write_atomic(path, "wb", lambda handle: handle.write(buffer.getbuffer()))
 
 
 def _torch_load(path: Path, map_location, what: str):
@@ -312,16 +247,21 @@ def build_model_from_checkpoint(checkpoint: dict, path: str | Path | None = None
     return model.eval()
 
 
+def _load_dict(path: Path, kind: str, expected: str) -> dict:
+    """A run's ``kind`` file (a dict of ``expected``), or a one-line CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such {kind} file")
+    loaded = _torch_load(path, "cpu", f"{kind} file")
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: not a {kind} file (a {type(loaded).__name__}, expected a dict of {expected})")
+    return loaded
+
+
 def load_labels(path: str | Path, num_samples: int | None = None) -> dict:
     """A run's labels.pt, checked, or a one-line CheckpointError: ``labels`` and ``clean_labels``,
     integer tensors of one shape ``(num_samples,)``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such labels file")
-    labels = _torch_load(path, "cpu", "labels file")
-    if not isinstance(labels, dict):
-        raise CheckpointError(f"{path}: not a labels file (a {type(labels).__name__}, expected a dict of labels "
-                              f"and clean_labels)")
+    labels = _load_dict(path, "labels", "labels and clean_labels")
     for key in ("labels", "clean_labels"):
         value = labels.get(key)
         if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dim() != 1:
@@ -345,12 +285,7 @@ def load_tracking(path: str | Path, epochs: int | None, num_samples: int) -> dic
     any number of epochs (the same in every entry).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such tracking file")
-    tracked = _torch_load(path, "cpu", "tracking file")
-    if not isinstance(tracked, dict):
-        raise CheckpointError(f"{path}: not a tracking file (a {type(tracked).__name__}, expected a dict of "
-                              f"{', '.join(TRACKING_ENTRIES)})")
+    tracked = _load_dict(path, "tracking", ", ".join(TRACKING_ENTRIES))
     for key in TRACKING_ENTRIES:
         if key not in tracked:
             raise CheckpointError(f"{path}: tracking file lacks {key!r}")

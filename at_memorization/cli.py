@@ -24,6 +24,8 @@ import click
 
 from . import _quiet  # noqa: F401  (first: keeps third-party deprecation warnings out of CLI output)
 from . import __version__
+from .records import ATTACK_NAMES, CHECKPOINT_NAMES
+from .loggers import LOGGERS
 from .settings import RUN_SETTINGS, SETTINGS_BY_NAME, RunConfig, Setting, SettingError, parse_overrides, read_settings
 from .user_errors import one_line_errors as _user_errors
 
@@ -76,14 +78,6 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="at-mem")
 def main():
     """Adversarial training that memorizes: PGD-AT, TRADES, temporal ensembling, evaluation."""
-
-
-def __getattr__(name):
-    if name == "USER_ERRORS":  # API (the errors printed as one line); imports the modules raising them
-        from .user_errors import user_errors
-
-        return user_errors()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolved_method_settings(config) -> dict:
@@ -209,7 +203,10 @@ class _ProgressCallbacks:
         self.close_bar()
         if self.silent:
             return
-        extra = "".join(f" {k}={record[k]:.4g}" for k in ("te_weight_now", "awp_gamma_now", "grad_norm") if k in record)
+        from .method_catalog import logged_values  # what the methods declare they log, without naming it here
+
+        shown = {value.key for value in logged_values()} | {"grad_norm"}
+        extra = "".join(f" {k}={v:.4g}" for k, v in record.items() if k in shown)  # in the order logged
         tested = (f"test clean {record['test_clean_acc']:.4f} robust {record['test_robust_acc']:.4f}"
                   if "test_robust_acc" in record else "not evaluated (--eval-every)")
         click.echo(f"epoch {record['epoch']}: loss {record['train_loss']:.4f} {tested} "
@@ -234,7 +231,7 @@ class _ProgressCallbacks:
               help="With --resume: continue although the training data differ from the run's (recorded).")
 @click.option("--checkpoint-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also write last.pt every N steps within an epoch (0: at the end of each epoch only).")
-@click.option("--logger", "loggers", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
+@click.option("--logger", "loggers", multiple=True, type=click.Choice(list(LOGGERS)),
               help="Also log to TensorBoard (RUN/tensorboard/) or Weights & Biases (repeatable; pip install "
                    "\".[tensorboard]\" or \".[wandb]\"); metrics.jsonl stays the record, a logger failure is a warning.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
@@ -264,25 +261,21 @@ def train_command(out_dir, config_file, print_config, resume, overrides, allow_d
         from .runfolder import RunFolder
 
         RunFolder(out_dir).check_free()  # a folder another process writes: say so before importing torch
-    from .training import Trainer, TrainingError, TrainingInterrupted, resume_config
+    from .methods import get_method
+    from .training import Trainer, TrainingError, TrainingInterrupted, open_resumable, settings_to_resume
 
+    resumable, override_values = None, {}
     if resume:
         if out_dir is None:
             raise click.ClickException("--resume needs --out RUN (the run folder to continue)")
-        override_values = {}
-        if overrides:
-            from .methods import get_method
-            from .runfolder import RunFolder
-
-            _, state, _ = RunFolder(out_dir).load_resumable()  # only to know which method's settings apply
-            method_cls = get_method(str((state.get("config") or {}).get("method", "")))
+        resumable = open_resumable(out_dir)  # the one read of the checkpoint; the trainer restores from it
+        if overrides:  # read with the saved method's settings
+            method_cls = get_method(resumable.method_name)
             override_values = parse_overrides(overrides, {h.name: h for h in method_cls.hyperparameters})
-        config, _ = resume_config(out_dir, override_values, given=given, given_method=given_method)
+        config, _ = settings_to_resume(resumable, override_values, given=given, given_method=given_method)
     else:
         if overrides:
             raise TrainingError("--override applies to --resume only; for a new run give the setting as its own option")
-        from .methods import get_method
-
         method_cls = get_method(given.get("method", SETTINGS_BY_NAME["method"].default))
         accepted = {h.name for h in method_cls.hyperparameters}
         for name in given_method:
@@ -292,7 +285,6 @@ def train_command(out_dir, config_file, print_config, resume, overrides, allow_d
                                     f"(it is for {', '.join(owner_names)})")
         config = RunConfig(**given, method_args=given_method)
         config.validate()
-        override_values = {}
     if print_config:
         resolved = config.resolve()
         click.echo(json.dumps({"config": resolved.to_dict(), "method": resolved_method_settings(resolved),
@@ -304,7 +296,7 @@ def train_command(out_dir, config_file, print_config, resume, overrides, allow_d
     with _stop_on_signals() as stop:
         trainer = Trainer(config, out_dir, device=device, resume=resume, callbacks=callbacks,
                           overrides=override_values, allow_data_change=allow_data_change,
-                          checkpoint_every_steps=checkpoint_every_steps, loggers=loggers)
+                          checkpoint_every_steps=checkpoint_every_steps, loggers=loggers, resumable=resumable)
         if trainer.start_epoch > resolved.epochs:
             repaired = trainer.repair_finished_metrics()
             trainer.shutdown()
@@ -441,8 +433,6 @@ def _settings_from_file(path, hyperparameters: dict) -> dict:
 
 # --------------------------------------------------------------------------- evaluate
 def _checkpoint_names(value: str | None) -> tuple[str, ...]:
-    from .runfolder import CHECKPOINT_NAMES
-
     if value is None:
         return CHECKPOINT_NAMES
     names = [v.strip() for v in value.split(",") if v.strip()]
@@ -461,7 +451,7 @@ def _echo_accuracies(record: dict, indent: str = "") -> None:
 
 @main.command("evaluate")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--attack", "attacks", multiple=True, type=click.Choice(["clean", "pgd20", "cw", "autoattack", "all"]),
+@click.option("--attack", "attacks", multiple=True, type=click.Choice([*ATTACK_NAMES, "all"]),
               default=("all",), show_default=True, help="Repeat for several.")
 @click.option("--n-examples", type=int, default=10000, show_default=True, help="The first N test points (RobustBench: 10000).")
 @click.option("--checkpoints", "checkpoint_names", default=None, metavar="best,last",
@@ -487,19 +477,20 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
     last.pt are evaluated into RUN/eval/best.json and RUN/eval/last.json, merged with the results of
     earlier calls for the same checkpoint (each accuracy keeps its n_examples in n_examples_by_attack).
     """
-    from .checkpoint import load_checkpoint, write_text_atomic
+    from .atomic import check_writable_folder, write_text_atomic
+    from .checkpoint import load_checkpoint
     from .evaluation import ALL_ATTACKS, default_batch_size, write_model_card
     from .run_evaluation import EvaluationOptions, evaluate_checkpoint, evaluate_run
     from .runfolder import RunFolder
     from .runtime import resolve_device
-    from .training import check_writable_folder
 
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else None
     if run_dir is not None:
         for flag, value in (("--output", output), ("--model-card", model_card)):
             if value:
                 raise click.ClickException(f"{flag} does not apply to a run folder: the results go to "
-                                           f"{run_dir / 'eval'}/best.json and last.json")
+                                           f"{RunFolder(run_dir).eval_path('best')} and "
+                                           f"{RunFolder(run_dir).eval_path('last').name}")
         names = _checkpoint_names(checkpoint_names)
     elif checkpoint_names is not None:
         raise click.ClickException(f"--checkpoints applies to a run folder only; {checkpoint} is not a folder")
@@ -550,31 +541,24 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
 @click.option("--paired", multiple=True, metavar="BASE:OTHER",
               help="Also OTHER minus BASE per seed, e.g. pgd-at:pgd-at-te (group labels; repeatable).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the table here [default: stdout].")
+@_user_errors
 def report_command(runs, fmt, paired, output):
     """A table from run folders: runs differing only in --seed are one row (mean ± std).
 
     Reads RUN/config.json, RUN/metrics.jsonl and, when present, RUN/eval/best.json and
     RUN/eval/last.json (from `at-mem evaluate RUN`).
     """
-    from .checkpoint import write_text_atomic
-    from .report import ReportError, report
+    from .atomic import write_text_atomic
+    from .report import report
 
-    try:
-        text, warnings = report(runs, fmt=fmt, paired=paired)
-    except ReportError as error:
-        raise click.ClickException(str(error).splitlines()[0])
+    text, warnings = report(runs, fmt=fmt, paired=paired)
     for warning in warnings:
         if output or fmt != "markdown":  # the markdown on stdout already carries them
             click.echo(f"warning: {warning}", err=True)
     if not output:
         click.echo(text, nl=False)
         return
-    try:
-        write_text_atomic(text, output)
-    except OSError as error:
-        reason = ("a part of its folder path is a file" if isinstance(error, (FileExistsError, NotADirectoryError))
-                  else error.strerror or str(error))
-        raise click.ClickException(f"cannot write {output}: {reason}")
+    write_text_atomic(text, output)
     click.echo(f"wrote {output}")
 
 
@@ -608,18 +592,14 @@ def reproduce_command(plan, out_dir, jobs, devices, threads, data_dir, only, dry
     SIGTERM stops every run at its next step with a checkpoint. Exit status 1 when a task failed
     (the others still run), 128 + the signal's number when stopped.
     """
-    from .reproduce import Options, PlanError, ReproduceError, reproduce
+    from .reproduce import Options, reproduce
 
     device_list = tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else ()
     if devices is not None and not device_list:
         raise click.ClickException("--device: give cpu, cuda, cuda:N or a comma-separated list")
     options = Options(out=Path(out_dir), jobs=jobs, devices=device_list, threads=threads, data_dir=data_dir,
                       only=tuple(only), dry_run=dry_run, prepare=prepare, echo=lambda line: click.echo(line, err=True))
-    try:
-        status = reproduce(plan, options)
-    except (PlanError, ReproduceError) as error:
-        raise click.ClickException(str(error).splitlines()[0]) from None
-    sys.exit(status)
+    sys.exit(reproduce(plan, options))
 
 
 if __name__ == "__main__":  # pragma: no cover

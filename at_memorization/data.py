@@ -13,6 +13,7 @@ pixels (a permutation per image) and Gaussian images.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import pickle
 import zipfile
@@ -25,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .user_errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Missing or malformed data; the message names the path and what was expected there."""
 
 
@@ -537,6 +540,20 @@ def num_batches(dataset_size: int, batch_size: int, world_size: int = 1) -> int:
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
+
+
+def data_fingerprint(dataset) -> str:
+    """SHA-256 of the training images and labels actually used (subset, noise included)."""
+    digest = hashlib.sha256()
+    digest.update(repr((tuple(dataset.images.shape), tuple(dataset.labels.shape))).encode())
+    digest.update(dataset.images.contiguous().numpy().data)
+    digest.update(dataset.labels.to(torch.int64).contiguous().numpy().data)
+    return digest.hexdigest()
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as float: uint8 ones scaled, float ones (e.g. Gaussian inputs) as they are."""
+    return images.float().div(255) if images.dtype == torch.uint8 else images.float()
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

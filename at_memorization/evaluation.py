@@ -26,12 +26,14 @@ from typing import Callable
 import torch
 
 from .attacks import cw30, pgd20
-from .data import torchvision_files_present
+from .data import as_float, torchvision_files_present
 from .randomness import isolated_rng
+from .records import ATTACK_NAMES
+from .runtime import resolve_device
 
 # name -> factory(model, eps, norm) for torchattacks-style attacks
 ATTACKS: dict[str, Callable] = {"pgd20": pgd20, "cw": cw30}
-ALL_ATTACKS = ("clean", "pgd20", "cw", "autoattack")
+ALL_ATTACKS = ATTACK_NAMES  # evaluate's default: every attack, in records.ATTACK_NAMES' order
 ROBUSTBENCH_DATASETS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 # RobustBench's leaderboard radii (images in [0, 1]).
 ROBUSTBENCH_EPS = {"Linf": 8 / 255, "L2": 0.5}
@@ -47,10 +49,6 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
         yield images[start:start + batch_size], labels[start:start + batch_size]
 
 
-def _as_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div(255) if images.dtype == torch.uint8 else images.float()
-
-
 def correct_flags(model, images, labels, *, batch_size: int = 256, device="cpu", attack=None, seed: int = 0,
                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Per-example correctness (bool) on clean or attacked inputs; the model is put in eval mode."""
@@ -59,7 +57,7 @@ def correct_flags(model, images, labels, *, batch_size: int = 256, device="cpu",
     flags = []
     with eval_mode(model), isolated_rng(seed):
         for x, y in _batches(images, labels, batch_size):
-            x, y = _as_float(x).to(device), y.to(device)
+            x, y = as_float(x).to(device), y.to(device)
             if attack is not None:
                 x = attack(x, y)
             with torch.no_grad():
@@ -134,7 +132,7 @@ def autoattack_accuracy(model, images, labels, *, eps: float, norm: str = "Linf"
     """AutoAttack ``standard`` from pyautoattack (the package RobustBench uses); ``progress`` as in
     ``_autoattack_standard``."""
     model.eval()
-    x, y = _as_float(images), labels.clone()
+    x, y = as_float(images), labels.clone()
     x_adv = _autoattack_standard(model, x, y, eps=eps, norm=norm, device=device, batch_size=batch_size, seed=seed,
                                  progress=progress)
     return accuracy(model, x_adv, y, batch_size=batch_size, device=device)
@@ -147,17 +145,11 @@ def _describe_tensor(value) -> str:
 
 
 def _protocol_device(model, device) -> torch.device:
-    if device is None:
+    if device is None:  # where the model is
         for tensor in (*model.parameters(), *model.buffers()):
             return tensor.device
         return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available (use device='cpu')")
-    return resolved
+    return resolve_device(device, use_cpu="device='cpu'")
 
 
 def _check_protocol_inputs(x, y, threat_model, eps, batch_size, seed):
@@ -178,7 +170,7 @@ def _check_protocol_inputs(x, y, threat_model, eps, batch_size, seed):
         raise ValueError(f"x must be a non-empty (N, C, H, W) image tensor, not {_describe_tensor(x)}")
     if not (x.dtype == torch.uint8 or x.is_floating_point()):
         raise TypeError(f"x must hold float images in [0, 1] (or uint8 pixels), not {x.dtype}")
-    x = _as_float(x)
+    x = as_float(x)
     if not torch.isfinite(x).all():
         raise ValueError("x has NaN or infinite values; it must hold images in [0, 1]")
     low, high = x.min().item(), x.max().item()
@@ -289,7 +281,7 @@ def write_model_card(path: str | Path, *, dataset: str, eps: float, clean_acc: f
     record.update(extra or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from .checkpoint import write_text_atomic
+    from .atomic import write_text_atomic
 
     write_text_atomic(json.dumps(record, indent=2) + "\n", path)
     return path

@@ -24,6 +24,10 @@ import secrets
 from pathlib import Path
 from typing import Callable
 
+from .atomic import write_text_atomic
+from .runfolder import RunFolder
+from .user_errors import UserError
+
 
 def _scalars(record: dict) -> dict[str, float]:
     """The numbers of an epoch record (booleans and non-finite values left out)."""
@@ -34,11 +38,12 @@ def _scalars(record: dict) -> dict[str, float]:
 
 class TensorBoardLogger:
     name = "tensorboard"
+    extra = "tensorboard"  # pip install ".[extra]" brings what it needs
 
     def __init__(self, run_dir: Path, start_epoch: int):
         from torch.utils.tensorboard import SummaryWriter  # raises ImportError without tensorboard
 
-        self.path = Path(run_dir) / "tensorboard"
+        self.path = RunFolder(run_dir).tensorboard_dir
         # purge_step: a resumed run replaces what a killed run logged after its checkpoint
         self.writer = SummaryWriter(str(self.path), purge_step=start_epoch if start_epoch > 1 else None)
 
@@ -59,13 +64,14 @@ class TensorBoardLogger:
 
 class WandbLogger:
     name = "wandb"
+    extra = "wandb"
 
     def __init__(self, run_dir: Path, start_epoch: int):
         import wandb  # raises ImportError without the wandb extra
 
         self.wandb = wandb
         self.run_dir = Path(run_dir)
-        self.id_file = self.run_dir / "wandb-id.txt"
+        self.id_file = RunFolder(run_dir).wandb_id
         self.run = None
 
     def start(self, settings: dict) -> None:
@@ -74,7 +80,7 @@ class WandbLogger:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "at-memorization"), id=run_id,
                               resume="allow", name=self.run_dir.name, dir=str(self.run_dir), config=settings)
         if not self.id_file.is_file():
-            self.id_file.write_text(run_id + "\n")
+            write_text_atomic(run_id + "\n", self.id_file)
 
     def log_epoch(self, record: dict) -> None:
         self.run.log(_scalars(record), step=record["epoch"])
@@ -84,8 +90,18 @@ class WandbLogger:
             self.run.finish()
 
 
-LOGGERS = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}
-EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # pip install ".[extra]" that brings each
+LOGGERS = {logger.name: logger for logger in (TensorBoardLogger, WandbLogger)}
+
+
+class UnknownLoggerError(UserError, ValueError):
+    """A logger name that is not one of ``LOGGERS``."""
+
+
+def check_names(names) -> None:
+    """Refuse an unknown logger name (before a run does any work)."""
+    unknown = [name for name in names if name not in LOGGERS]
+    if unknown:
+        raise UnknownLoggerError(f"unknown logger {unknown[0]!r}; choose from {', '.join(LOGGERS)}")
 
 
 class SafeLoggers:
@@ -94,14 +110,13 @@ class SafeLoggers:
     def __init__(self, names, run_dir: str | Path, start_epoch: int, warn: Callable[[str], None]):
         self.warn = warn
         self.loggers = []
+        check_names(names)
         for name in dict.fromkeys(names):  # each once, in the order given
-            if name not in LOGGERS:
-                raise ValueError(f"unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
             try:
                 self.loggers.append(LOGGERS[name](Path(run_dir), start_epoch))
             except ImportError as error:
                 warn(f"warning: --logger {name} is off: {error.name or error} is not installed "
-                     f"(pip install \".[{EXTRAS[name]}]\"); metrics.jsonl has everything")
+                     f"(pip install \".[{LOGGERS[name].extra}]\"); metrics.jsonl has everything")
             except Exception as error:  # noqa: BLE001  (any failure of a logger must not stop the run)
                 self._failed(name, "start", error)
 

@@ -1,10 +1,11 @@
 """What ``at-mem`` needs to know about every installed training method, without importing one.
 
-``at-mem methods`` prints each method's description and settings, and ``at-mem train`` has one option
-per setting of every installed method. Both need the method classes' declarations, but loading a
+``at-mem methods`` prints each method's description and settings, ``at-mem train`` has one option
+per setting of every installed method and prints the values they declare in ``logged`` on its epoch
+lines, and ``at-mem plot`` plots those. All need the method classes' declarations, but loading a
 class imports torch (seconds). So the first call loads the classes and writes what they declare
-(description, ``Hyperparameter`` declarations as plain values, the defaults for the paper's 200
-epochs) to a small JSON file in the user's cache folder; later calls read that file instead.
+(description, ``Hyperparameter`` and ``LoggedValue`` declarations as plain values, the defaults for
+the paper's 200 epochs) to a small JSON file in the user's cache folder; later calls read that file instead.
 
 The file is ``$XDG_CACHE_HOME/at-memorization/methods-<key>.json`` (``~/.cache/...`` without
 ``XDG_CACHE_HOME``; ``AT_MEM_CACHE_DIR`` names another folder). ``<key>`` hashes this package's
@@ -22,20 +23,20 @@ This module imports neither torch nor the methods package until it has to load t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text_atomic
+from .logged import LoggedValue
 from .settings import Hyperparameter
 
 GROUP = "at_memorization.methods"  # = methods.registry.GROUP (tests/test_cli_startup.py checks)
-FORMAT = 1  # of the cache file; a file of another format is rebuilt
+FORMAT = 2  # of the cache file; a file of another format is rebuilt
 PAPER_EPOCHS = 200  # the defaults `at-mem methods` shows are for the paper's 200 epochs
 
 _TYPES = {t.__name__: t for t in (int, float, str, bool, list)}
@@ -54,6 +55,7 @@ class MethodInfo:
     description: str = ""
     options: str = ""  # its settings and their defaults for 200 epochs: "--beta 6.0 --te-start 90"
     hyperparameters: tuple[Hyperparameter, ...] = ()
+    logged: tuple[LoggedValue, ...] = ()  # the per-epoch values it logs for people to watch
     error: str | None = None  # "TypeError: ...": the class fails to load (nothing else is known)
 
     @property
@@ -78,13 +80,22 @@ def method_catalog() -> list[MethodInfo]:
 
 def hyperparameter_owners(methods: list[MethodInfo] | None = None) -> dict[str, tuple[Hyperparameter, list[str]]]:
     """Every installed method's settings by name, with the methods declaring each (for the CLI's
-    options): as ``methods.registry.all_hyperparameters()``, without loading a class. Methods that
-    fail to load contribute nothing."""
+    options), without loading a class. Methods that fail to load contribute nothing."""
     found: dict[str, tuple[Hyperparameter, list[str]]] = {}
     for method in method_catalog() if methods is None else methods:
         for h in method.hyperparameters:
             found.setdefault(h.name, (h, []))[1].append(method.name)
     return found
+
+
+def logged_values(methods: list[MethodInfo] | None = None) -> list[LoggedValue]:
+    """The per-epoch values every installed method declares (``Method.logged``), each key once (the
+    first declaration wins), without loading a class."""
+    found: dict[str, LoggedValue] = {}
+    for method in method_catalog() if methods is None else methods:
+        for value in method.logged:
+            found.setdefault(value.key, value)
+    return list(found.values())
 
 
 def cache_folder() -> Path | None:
@@ -147,7 +158,7 @@ def _load_classes() -> list[MethodInfo]:
                 defaults = {h.name: "derived" if h.default is None else h.default for h in cls.hyperparameters}
             options = " ".join(f"{h.flag} {defaults.get(h.name)!s}" for h in cls.hyperparameters)
             methods.append(MethodInfo(entry.name, entry.value, entry.distribution, str(description), options,
-                                      tuple(cls.hyperparameters)))
+                                      tuple(cls.hyperparameters), tuple(cls.logged)))
         except Exception as error:  # a broken plugin is reported, not fatal
             methods.append(MethodInfo(entry.name, entry.value, entry.distribution,
                                       error=f"{type(error).__name__}: {error}"))
@@ -171,14 +182,17 @@ def _hyperparameter_from_dict(values: dict) -> Hyperparameter:
 def _method_to_dict(method: MethodInfo) -> dict:
     return {"name": method.name, "value": method.value, "distribution": method.distribution,
             "description": method.description, "options": method.options,
-            "hyperparameters": [_hyperparameter_to_dict(h) for h in method.hyperparameters]}
+            "hyperparameters": [_hyperparameter_to_dict(h) for h in method.hyperparameters],
+            "logged": [dataclasses.asdict(value) for value in method.logged]}
 
 
 def _method_from_dict(values: dict) -> MethodInfo:
     texts = [values[name] for name in ("name", "value", "distribution", "description", "options")]
     if not all(isinstance(text, str) for text in texts):
         raise TypeError("not text")
-    return MethodInfo(*texts, hyperparameters=tuple(_hyperparameter_from_dict(h) for h in values["hyperparameters"]))
+    return MethodInfo(*texts, hyperparameters=tuple(_hyperparameter_from_dict(h) for h in values["hyperparameters"]),
+                      logged=tuple(LoggedValue(v["key"], v["label"], tuple(v["aliases"]), v["plot"])
+                                   for v in values["logged"]))
 
 
 def _sources(methods: list[MethodInfo]) -> list[list]:
@@ -223,15 +237,6 @@ def _write(path: Path, declared, methods: list[MethodInfo]) -> None:
     except (TypeError, ValueError, KeyError, OSError):
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text + "\n")
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        write_text_atomic(text + "\n", path)
     except OSError:  # a read-only or full disk: no cache, the classes are loaded at every call
         pass

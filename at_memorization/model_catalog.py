@@ -1,9 +1,9 @@
 """Our backbones in words, for ``at-mem models``: name, one-line description, parameter count.
 
-This module imports nothing (no torch, no timm), so ``at-mem models`` answers at once. The models
-themselves are built in :mod:`at_memorization.models`, whose ``OUR_MODELS`` must name the same
-backbones; ``tests/test_models.py`` checks that every registered backbone is here and that each
-count equals ``sum(p.numel() for p in model.parameters())`` of the built model.
+This module imports nothing (no torch, no timm), so ``at-mem models`` answers at once. Each model is
+built by the entry point of its name in :mod:`at_memorization.models`; ``tests/test_models.py`` checks
+that the backbones registered there are exactly these and that each count equals
+``sum(p.numel() for p in model.parameters())`` of the built model.
 """
 
 from __future__ import annotations

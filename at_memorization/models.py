@@ -1,10 +1,15 @@
-"""CIFAR/MNIST backbones registered in timm's registry.
+"""CIFAR/MNIST backbones registered in timm's registry, as timm registers its own.
 
-After ``import at_memorization``, ``timm.create_model('preactresnet18', num_classes=10)`` and
-``timm.create_model('smallcnn', num_classes=10, in_chans=1)`` build our models, and every one of
-them is also registered under RobustBench's ``<name>_<dataset>_<threat>`` naming, so that
-``robustbench.utils.load_model(name, dataset=..., threat_model=..., custom_checkpoint=path)``
-loads one of our checkpoints offline.
+Importing this module registers them: one decorated entry point per backbone (timm's
+``register_model``), the function named as the model (described, with its parameter count, in
+model_catalog.py), and RobustBench's names for them, ``<name>_<dataset>_<threat>``, declared in
+``ROBUSTBENCH_NAMES``. So after
+``import at_memorization`` (which imports this module when timm is imported),
+``timm.create_model('preactresnet18', num_classes=10)`` and
+``timm.create_model('smallcnn', num_classes=10, in_chans=1)`` build our models, and
+``robustbench.utils.load_model(name, dataset=..., threat_model=..., custom_checkpoint=path)`` loads one
+of our checkpoints offline. Run again (our package imported anew in one process), the module
+registers the same names again: timm replaces each entry point by the new one.
 
 All models take inputs in [0, 1] and return logits of shape (N, num_classes); as in the paper's
 code, none normalizes its input (the attacks' epsilon is in pixel units of [0, 1] images).
@@ -13,15 +18,16 @@ code, none normalizes its input (the attacks' epsilon is in pixel units of [0, 1
 from __future__ import annotations
 
 import math
-import sys
+import warnings
 
 import timm
 import torch
 from torch import nn
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.models import model_entrypoint, register_model
 
-__all__ = ["OUR_MODELS", "build_model", "model_names"]
+from . import model_catalog
+from .user_errors import UserError
 
 
 def _stage(model: nn.Module, block, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
@@ -225,57 +231,103 @@ class SmallCNN(nn.Module):
 
 
 # --------------------------------------------------------------------------- registration
-def _entrypoint(builder):
-    """Adapt a builder to timm's entrypoint signature (pretrained weights are never fetched)."""
+def _register_model(entrypoint):
+    """timm's ``register_model``, without its "Overwriting" warning where the entry point it replaces
+    is one of this module's from an earlier run (a clash with another package's name still warns)."""
+    name = entrypoint.__name__
+    if not (timm.is_model(name) and model_entrypoint(name).__module__ == __name__):
+        return register_model(entrypoint)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", f"Overwriting {name} in registry", UserWarning)
+        return register_model(entrypoint)
 
-    def create(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
-               num_classes: int = 10, in_chans: int = 3, img_size=None, **kwargs):
-        return builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
 
-    return create
+# timm calls an entry point with pretrained, pretrained_cfg and pretrained_cfg_overlay, which ours
+# ignore: they have no pretrained weights to fetch (RobustBench passes pretrained=True along with its
+# checkpoint_path, which timm loads into the built model).
+def _arguments(kwargs: dict) -> dict:
+    """timm's model arguments as our classes take them: 10 classes and 3 input channels unless given,
+    and no ``img_size`` (global pooling adapts every one of them to the input size)."""
+    kwargs.pop("img_size", None)
+    return {"num_classes": 10, "in_chans": 3, **kwargs}
 
 
-# Each is described, with its parameter count, in model_catalog.py, which `at-mem models` prints
-# without importing torch (tests/test_models.py checks that the two agree).
-OUR_MODELS = {
-    "preactresnet18": lambda **kw: PreActResNet((2, 2, 2, 2), **kw),
-    # A quarter-width PreActResNet-18 (16 base channels, ~0.7M parameters) for CPU-scale studies.
-    "preactresnet18_w16": lambda **kw: PreActResNet((2, 2, 2, 2), width=16, **kw),
-    "resnet18_cifar": lambda **kw: CifarResNet((2, 2, 2, 2), **kw),
-    "wrn34_10": lambda **kw: WideResNet(34, 10, **kw),
-    "wrn28_10": lambda **kw: WideResNet(28, 10, **kw),
-    "smallcnn": lambda **kw: SmallCNN(**kw),
-}
-# RobustBench looks models up as f"{name}_{dataset}_{threat}" (lower case) in timm's registry; its
+@_register_model
+def preactresnet18(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs) -> PreActResNet:
+    return PreActResNet((2, 2, 2, 2), **_arguments(kwargs))
+
+
+@_register_model
+def preactresnet18_w16(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs) -> PreActResNet:
+    """A quarter-width PreActResNet-18 (16 base channels) for CPU-scale studies."""
+    return PreActResNet((2, 2, 2, 2), width=16, **_arguments(kwargs))
+
+
+@_register_model
+def resnet18_cifar(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs) -> CifarResNet:
+    return CifarResNet((2, 2, 2, 2), **_arguments(kwargs))
+
+
+@_register_model
+def wrn34_10(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs) -> WideResNet:
+    return WideResNet(34, 10, **_arguments(kwargs))
+
+
+@_register_model
+def wrn28_10(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs) -> WideResNet:
+    return WideResNet(28, 10, **_arguments(kwargs))
+
+
+@_register_model
+def smallcnn(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs) -> SmallCNN:
+    return SmallCNN(**_arguments(kwargs))
+
+
+# RobustBench looks a model up as f"{name}_{dataset}_{threat}" (lower case) in timm's registry; its
 # BenchmarkDataset has cifar10, cifar100 and imagenet only, so other data sets get no such names.
-ROBUSTBENCH_DATASETS = ("cifar10", "cifar100")
-ROBUSTBENCH_THREATS = ("linf", "l2")
+ROBUSTBENCH_NAMES = {
+    preactresnet18: ("preactresnet18_cifar10_linf", "preactresnet18_cifar10_l2", "preactresnet18_cifar100_linf",
+                     "preactresnet18_cifar100_l2"),
+    preactresnet18_w16: ("preactresnet18_w16_cifar10_linf", "preactresnet18_w16_cifar10_l2",
+                         "preactresnet18_w16_cifar100_linf", "preactresnet18_w16_cifar100_l2"),
+    resnet18_cifar: ("resnet18_cifar_cifar10_linf", "resnet18_cifar_cifar10_l2", "resnet18_cifar_cifar100_linf",
+                     "resnet18_cifar_cifar100_l2"),
+    wrn34_10: ("wrn34_10_cifar10_linf", "wrn34_10_cifar10_l2", "wrn34_10_cifar100_linf", "wrn34_10_cifar100_l2"),
+    wrn28_10: ("wrn28_10_cifar10_linf", "wrn28_10_cifar10_l2", "wrn28_10_cifar100_linf", "wrn28_10_cifar100_l2"),
+    smallcnn: ("smallcnn_cifar10_linf", "smallcnn_cifar10_l2", "smallcnn_cifar100_linf", "smallcnn_cifar100_l2"),
+}
 
 
-def _register(name: str, builder) -> None:
-    if timm.is_model(name):
-        return
-    fn = _entrypoint(builder)
-    fn.__name__ = name
-    fn.__qualname__ = name
-    fn.__module__ = __name__
-    setattr(sys.modules[__name__], name, fn)
-    register_model(fn)
+def _under_name(name: str, backbone):
+    """``backbone``'s entry point under another name (timm registers a function under its ``__name__``)."""
+
+    def entrypoint(**kwargs):
+        return backbone(**kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"{backbone.__name__} under RobustBench's name."
+    return entrypoint
 
 
-for _name, _builder in OUR_MODELS.items():
-    _register(_name, _builder)
-    for _dataset in ROBUSTBENCH_DATASETS:
-        for _threat in ROBUSTBENCH_THREATS:
-            _register(f"{_name}_{_dataset}_{_threat}", _builder)
+for _backbone, _names in ROBUSTBENCH_NAMES.items():
+    for _name in _names:
+        _register_model(_under_name(_name, _backbone))
+
+# Our backbones' entry points by name: the catalog's names, each registered above.
+OUR_MODELS = {name: model_entrypoint(name) for name in model_catalog.MODELS}
+
+# The public names. (timm's register_model appends every name it registers to __all__, RobustBench's
+# names too, which are no attributes of this module: ``from at_memorization.models import *`` would
+# fail on them.)
+__all__ = ["OUR_MODELS", "ROBUSTBENCH_NAMES", "build_model", "count_parameters", "model_names", *OUR_MODELS]
 
 
 def model_names() -> list[str]:
     """Our backbones (any other timm model name is accepted too)."""
-    return sorted(OUR_MODELS)
+    return model_catalog.model_names()
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     pass
 
 

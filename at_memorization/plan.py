@@ -16,16 +16,17 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .records import ATTACK_NAMES, CHECKPOINT_NAMES
+from .runfolder import read_text
 from .settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings
+from .user_errors import UserError
 
-ATTACKS = ("clean", "pgd20", "cw", "autoattack")
-CHECKPOINTS = ("best", "last")
 PLAN_KEYS = {"name", "description", "base", "methods", "seeds", "device", "settings", "arms", "evaluate", "report"}
 EVALUATE_KEYS = {"checkpoints", "attacks", "n_examples", "seeds", "arms", "batch_size"}
 REPORT_KEYS = {"paired", "late_after", "plot_seed"}
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan that cannot be run as written; the message names the file and the key."""
 
 
@@ -120,12 +121,7 @@ def _subset_of(values: list, allowed: list, path: Path, key: str, what: str) -> 
 
 
 def _read_toml(path: Path, what: str) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise PlanError(f"{what} {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise PlanError(f"{what} {path}: cannot read it ({error})") from None
+    text = read_text(path, PlanError, f"{what} {path}")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -292,11 +288,12 @@ def _read_evaluations(path: Path, tables, arms: list[Arm], seeds: list[int]) -> 
         unknown = sorted(set(table) - EVALUATE_KEYS)
         if unknown:
             raise PlanError(f"{_where(path, f'{key}.{unknown[0]}')}: unknown key (use {', '.join(sorted(EVALUATE_KEYS))})")
-        checkpoints = _list_of(table.get("checkpoints", list(CHECKPOINTS)), str, path, f"{key}.checkpoints")
+        checkpoints = _list_of(table.get("checkpoints", list(CHECKPOINT_NAMES)), str, path, f"{key}.checkpoints")
         attacks = _list_of(table.get("attacks", ["clean", "pgd20", "cw"]), str, path, f"{key}.attacks")
         if "all" in attacks:
-            attacks = list(ATTACKS)
-        for name, allowed, values in (("checkpoints", CHECKPOINTS, checkpoints), ("attacks", ATTACKS, attacks)):
+            attacks = list(ATTACK_NAMES)
+        for name, allowed, values in (("checkpoints", CHECKPOINT_NAMES, checkpoints),
+                                      ("attacks", ATTACK_NAMES, attacks)):
             bad = [v for v in values if v not in allowed]
             if bad:
                 raise PlanError(f"{_where(path, f'{key}.{name}')}: unknown {bad[0]!r} (use {', '.join(allowed)})")
@@ -312,8 +309,8 @@ def _read_evaluations(path: Path, tables, arms: list[Arm], seeds: list[int]) -> 
         if only_arms is not None:
             only_arms = _subset_of(_list_of(only_arms, str, path, f"{key}.arms"), arm_names, path, f"{key}.arms",
                                    "no arm {!r} (arms: " + ", ".join(arm_names) + ")")
-        specs.append(EvaluationSpec(i, tuple(c for c in CHECKPOINTS if c in checkpoints),
-                                    tuple(a for a in ATTACKS if a in attacks), n,
+        specs.append(EvaluationSpec(i, tuple(c for c in CHECKPOINT_NAMES if c in checkpoints),
+                                    tuple(a for a in ATTACK_NAMES if a in attacks), n,
                                     None if only_seeds is None else tuple(only_seeds),
                                     None if only_arms is None else tuple(only_arms), batch_size))
     # RUN/eval/<checkpoint>.json keeps one result per attack: two blocks measuring the same attack of

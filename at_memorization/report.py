@@ -1,4 +1,4 @@
-"""Tables from run folders: ``at-mem report`` and the ``RUN/eval/*.json`` files of ``at-mem evaluate``.
+"""Tables from run folders: ``at-mem report``.
 
 A run folder (``at-mem train --out RUN``) holds ``config.json``, ``metrics.jsonl`` (one record per
 epoch) and, after ``at-mem evaluate RUN``, ``eval/best.json`` and ``eval/last.json`` (the best and
@@ -8,8 +8,8 @@ the mean (and sample standard deviation) over seeds of:
 - best and final clean / PGD-20 / CW / AutoAttack accuracy (from the eval files) and, for each
   robust metric, best minus final (the robust overfitting gap, per seed, then averaged);
 - best and final per-epoch test robust accuracy (``test_robust_acc`` of ``metrics.jsonl``, PGD with
-  the run's ``eval_steps``) and best minus final; "best" is the epoch of ``best.pt``: the highest
-  ``test_robust_acc``, ties broken by the higher ``test_clean_acc`` (the trainer's rule);
+  the run's ``eval_steps``) and best minus final; "best" is the epoch of ``best.pt``
+  (``records.best_record``, the trainer's rule);
 - the final training robust accuracy (``train_robust_acc``, from ``--eval-train-size``);
 - optionally paired differences (OTHER minus BASE, runs matched by seed).
 
@@ -27,113 +27,20 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import runfolder
-from .runfolder import CHECKPOINT_NAMES, EVAL_DIR, RunFolder, RunFolderError  # noqa: F401  (EVAL_DIR: API)
+from .records import (ATTACK_NAMES, ATTACK_TITLES, CHECKPOINT_NAMES, ROBUST_ATTACK_NAMES, NoEvaluatedEpoch, attack_of,
+                      best_record, final_record)
+from .runfolder import RunFolder, RunFolderError
 from .settings import RunConfig, report_ignored
+from .user_errors import UserError
 
-EVAL_ATTACKS = ("clean", "pgd20", "cw", "autoattack")
-ROBUST_ATTACKS = ("pgd20", "cw", "autoattack")
-ATTACK_TITLES = {"clean": "clean", "pgd20": "PGD-20", "cw": "CW", "autoattack": "AutoAttack"}
 # Settings that do not change a run's results (besides the seed, which defines the repetitions):
 # declared with the settings (groups_report=False).
 IGNORED_SETTINGS = report_ignored()
-# What makes two eval records measurements of the same checkpoint (besides its epoch).
-SAME_CHECKPOINT_KEYS = ("dataset", "norm", "model", "method")
 FORMATS = ("markdown", "csv", "json")
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The runs cannot be tabulated (not a run, unreadable file, mixed data sets); one-line reason."""
-
-
-# --------------------------------------------------------------------------- eval/<name>.json
-def eval_path(run_dir: str | Path, which: str) -> Path:
-    """``RUN/eval/best.json`` or ``RUN/eval/last.json``."""
-    return RunFolder(run_dir).eval_path(which)
-
-
-def read_json(path: str | Path):
-    """A JSON file, or ReportError naming it."""
-    try:
-        return runfolder.read_json(path)
-    except RunFolderError as error:
-        raise ReportError(str(error)) from None
-
-
-def attack_of(key: str) -> str | None:
-    """``pgd20_acc`` -> ``pgd20``; None for keys that are not accuracies."""
-    return key[:-len("_acc")] if key.endswith("_acc") else None
-
-
-def eval_record(checkpoint: str, state_info: dict, results: dict, *, n_examples: int, eps: float, norm: str,
-                seed: int, device: str) -> dict:
-    """One ``at-mem evaluate`` result: the checkpoint's identity, the settings, and ``results``.
-
-    ``state_info`` holds ``epoch``, ``dataset``, ``model`` and ``method``. The per-attack
-    ``n_examples_by_attack`` and ``seed_by_attack`` say on how many points and with which seed
-    each accuracy was measured (they matter once records are merged).
-    """
-    measured = [a for a in (attack_of(k) for k in results) if a]
-    return {"checkpoint": str(checkpoint), "epoch": state_info.get("epoch"), "dataset": state_info.get("dataset"),
-            "model": state_info.get("model"), "method": state_info.get("method"), "n_examples": n_examples,
-            "eps": eps, "norm": norm, "seed": seed, "device": device, **results,
-            "n_examples_by_attack": {a: n_examples for a in measured},
-            "seed_by_attack": {a: seed for a in measured}}
-
-
-def same_checkpoint(previous: dict, new: dict) -> str | None:
-    """None when both records measure the same checkpoint at the same threat model, else why not."""
-    if previous.get("epoch") != new.get("epoch"):
-        return f"epoch {previous.get('epoch')} (now {new.get('epoch')})"
-    for key in SAME_CHECKPOINT_KEYS:
-        if previous.get(key) != new.get(key):
-            return f"{key} {previous.get(key)!r} (now {new.get(key)!r})"
-    old_eps, new_eps = previous.get("eps"), new.get("eps")
-    if not (isinstance(old_eps, (int, float)) and isinstance(new_eps, (int, float))
-            and math.isclose(old_eps, new_eps, rel_tol=1e-9, abs_tol=1e-12)):
-        return f"eps {old_eps} (now {new_eps})"
-    return None
-
-
-def merge_eval_records(previous: dict | None, new: dict, requested=None) -> tuple[dict, str | None]:
-    """``new`` merged into ``previous`` (results of other attacks are kept), and why not when it is not.
-
-    The new record's settings (n_examples, seed, device, ...) and accuracies win; accuracies of
-    attacks it did not run are kept from ``previous`` with their own ``n_examples_by_attack`` and
-    ``seed_by_attack`` entries. With ``requested`` (the attacks asked for), an accuracy measured on
-    the side (RobustBench's benchmark also returns the clean accuracy) only fills a gap. When
-    ``previous`` is for another checkpoint or threat model (see ``same_checkpoint``) it is replaced,
-    and the second value says why.
-    """
-    if previous is None:
-        return dict(new), None
-    if not isinstance(previous, dict):
-        return dict(new), "it is not a JSON object"
-    reason = same_checkpoint(previous, new)
-    if reason is not None:
-        return dict(new), f"it held results for {reason}"
-    if requested is not None:
-        side = [a for a in new["n_examples_by_attack"] if a not in requested and f"{a}_acc" in previous]
-        if side:
-            new = {k: v for k, v in new.items() if attack_of(k) not in side}
-            for per_attack in ("n_examples_by_attack", "seed_by_attack"):
-                new[per_attack] = {a: v for a, v in new[per_attack].items() if a not in side}
-    merged = dict(previous)
-    for per_attack in ("n_examples_by_attack", "seed_by_attack"):
-        old = dict(previous.get(per_attack) or {})
-        # Records written before the per-attack keys existed: their accuracies share the record's values.
-        single = "n_examples" if per_attack == "n_examples_by_attack" else "seed"
-        for attack in (attack_of(k) for k in previous):
-            if attack and attack not in old and previous.get(single) is not None:
-                old[attack] = previous[single]
-        merged[per_attack] = {**old, **new[per_attack]}
-    for key, value in new.items():
-        if key not in ("n_examples_by_attack", "seed_by_attack"):
-            merged[key] = value
-    # Keep the per-attack tables after the accuracies, as in a fresh record.
-    for per_attack in ("n_examples_by_attack", "seed_by_attack"):
-        merged[per_attack] = merged.pop(per_attack)
-    return merged, None
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -167,40 +74,8 @@ class Run:
         return self.config.get("dataset")
 
 
-def best_record(records: list[dict]) -> dict:
-    """The epoch of ``best.pt``: highest test robust accuracy, ties broken by higher clean accuracy.
-
-    Among exact ties the earliest epoch wins (the trainer only replaces best.pt on an improvement).
-    The one statement of the rule for everything that reads ``metrics.jsonl`` (report, plots,
-    memorization).
-    """
-    return max(evaluated(records), key=lambda r: (r["test_robust_acc"], r.get("test_clean_acc", 0.0)))
-
-
-def evaluated(records: list[dict]) -> list[dict]:
-    """The epochs with a test evaluation (all, unless the run was trained with ``--eval-every N``)."""
-    found = [r for r in records if "test_robust_acc" in r]
-    if not found:
-        raise ReportError(f"no evaluated epoch among epochs {records[0]['epoch']}-{records[-1]['epoch']} "
-                          f"(--eval-every): nothing to compare yet")
-    return found
-
-
-def final_record(records: list[dict]) -> dict:
-    """The last evaluated epoch (the last epoch of a finished run, which is always evaluated)."""
-    return evaluated(records)[-1]
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """A run's metrics.jsonl (``path``: the file), read by the run folder's one reader."""
-    try:
-        return RunFolder(Path(path).parent).read_metrics()
-    except RunFolderError as error:
-        raise ReportError(str(error)) from None
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -224,10 +99,16 @@ def read_run(run_dir: str | Path) -> Run:
     if run.unfinished:
         run.warnings.append(f"{run_dir} has {run.records[-1]['epoch']} of {config['epochs']} epochs (still training or "
                             "stopped): its 'final' is its last epoch so far")
-    expected = {"best": best_record(run.records)["epoch"], "last": run.records[-1]["epoch"]}
+    try:
+        expected = {"best": best_record(run.records)["epoch"], "last": run.records[-1]["epoch"]}
+    except NoEvaluatedEpoch as error:
+        raise ReportError(str(error)) from None
     for which in CHECKPOINT_NAMES:
-        path = eval_path(run_dir, which)
-        record = read_json(path) if path.is_file() else None
+        path = folder.eval_path(which)
+        try:
+            record = folder.read_eval(which)
+        except RunFolderError as error:
+            raise ReportError(str(error)) from None
         if record is not None and not isinstance(record, dict):
             raise ReportError(f"{path}: not a JSON object")
         for key, value in (record or {}).items():
@@ -257,7 +138,8 @@ def read_runs(run_dirs) -> list[Run]:
         if Path(run_dir).is_file():  # `report runs/*` also matches the logs beside the run folders
             files.append(str(run_dir))
             continue
-        if (Path(run_dir) / "metrics.jsonl").is_file() and not (Path(run_dir) / "metrics.jsonl").read_text().strip():
+        metrics = RunFolder(run_dir).metrics
+        if metrics.is_file() and not metrics.read_text().strip():
             skipped.append(f"{run_dir} has not finished an epoch yet: left out")
             continue
         runs.append(read_run(run_dir))
@@ -360,8 +242,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
 def metric_keys() -> list[str]:
     """The report's metrics, in column order."""
     keys = ["epochs", "best_epoch"]
-    keys += [f"{which}_{attack}" for which in ("best", "final") for attack in EVAL_ATTACKS]
-    keys += [f"gap_{attack}" for attack in ROBUST_ATTACKS]
+    keys += [f"{which}_{attack}" for which in ("best", "final") for attack in ATTACK_NAMES]
+    keys += [f"gap_{attack}" for attack in ROBUST_ATTACK_NAMES]
     keys += ["best_robust_per_epoch", "final_robust_per_epoch", "gap_robust_per_epoch", "final_train_robust"]
     return keys
 
@@ -378,11 +260,11 @@ def run_metrics(run: Run) -> dict[str, tuple[float | None, int | None]]:
     for which, name in (("best", "best"), ("final", "last")):
         record = run.evals.get(name) or {}
         by_attack = record.get("n_examples_by_attack") or {}
-        for attack in EVAL_ATTACKS:
+        for attack in ATTACK_NAMES:
             value = record.get(f"{attack}_acc")
             n = by_attack.get(attack, record.get("n_examples")) if value is not None else None
             out[f"{which}_{attack}"] = (value, n)
-    for attack in ROBUST_ATTACKS:
+    for attack in ROBUST_ATTACK_NAMES:
         (b, nb), (f, nf) = out[f"best_{attack}"], out[f"final_{attack}"]
         out[f"gap_{attack}"] = (b - f, nb if nb == nf else None) if b is not None and f is not None else (None, None)
     test_n = config.get("test_size")
@@ -539,7 +421,7 @@ def _notes(report: dict) -> list[str]:
     lines = ["Accuracies in %, mean ± sample std (ddof=1) over seeds; (n=k): only k seeds have the metric; "
              "best-final per seed, then averaged. best = the epoch of best.pt (highest per-epoch test robust accuracy)."]
     parts = []
-    for which_attack in EVAL_ATTACKS:
+    for which_attack in ATTACK_NAMES:
         keys = [f"best_{which_attack}", f"final_{which_attack}"]
         by_group = {}
         for group in groups:

@@ -26,7 +26,6 @@ This module imports no torch: planning, ``--dry-run`` and a rerun with nothing t
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import fnmatch
 import hashlib
@@ -36,17 +35,20 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .atomic import write_text_atomic
 from .machine import machine_description
-from .plan import ATTACKS, EvaluationSpec, Plan, PlanError, PlannedRun, read_plan
+from .plan import EvaluationSpec, Plan, PlanError, PlannedRun, read_plan
+from .records import ATTACK_NAMES, NoEvaluatedEpoch, best_record
 from .runlock import RunLock, RunLockError, check_free
-from .report import ReportError, best_record, group_runs, read_run  # reading run folders needs no torch
-from .settings import SETTINGS_BY_NAME, SettingError, resume_settings
+from .report import ReportError, group_runs, read_run  # reading run folders needs no torch
+from .runfolder import RunFolder
+from .settings import SETTINGS_BY_NAME, SavedSettingDiffers, resume_settings
+from .user_errors import UserError
 
 # The children: this Python's at-mem. -P (3.11+): the working folder must not shadow the installed
 # package (a source checkout's folder lacks the installed layout's at_memorization.plugins).
@@ -100,18 +102,19 @@ class RunState:
 
 
 def run_state(run_dir: Path) -> RunState:
-    config = _read_json(run_dir / "config.json")
+    folder = RunFolder(run_dir)
+    config = _read_json(folder.config)
     epochs = None
     if isinstance(config, dict) and isinstance(config.get("config"), dict):
         epochs = config["config"].get("epochs")
-    records = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if isinstance(r.get("epoch"), int)]
+    records = [r for r in _read_jsonl(folder.metrics) if isinstance(r.get("epoch"), int)]
     try:
-        best = best_record(records) if records else None  # the rule the trainer and the report use
-    except ReportError:  # no evaluated epoch yet
+        best = best_record(records)  # the rule the trainer and the report use
+    except NoEvaluatedEpoch:  # none yet
         best = None
     return RunState(epochs_done=max((r["epoch"] for r in records), default=0), epochs=epochs,
                     best_epoch=None if best is None else best["epoch"],
-                    has_checkpoint=(run_dir / "last.pt").is_file())
+                    has_checkpoint=folder.last.is_file())
 
 
 def missing_attacks(run_dir: Path, spec: EvaluationSpec, state: RunState) -> dict[str, list[str]]:
@@ -119,7 +122,7 @@ def missing_attacks(run_dir: Path, spec: EvaluationSpec, state: RunState) -> dic
     spec's number of points and for the checkpoint's current epoch."""
     missing = {}
     for checkpoint in spec.checkpoints:
-        record = _read_json(run_dir / "eval" / f"{checkpoint}.json")
+        record = _read_json(RunFolder(run_dir).eval_path(checkpoint))
         epoch = state.epochs_done if checkpoint == "last" else state.best_epoch
         if not isinstance(record, dict) or record.get("epoch") != epoch:
             missing[checkpoint] = list(spec.attacks)
@@ -169,30 +172,12 @@ class Options:
     poll_seconds: float = 0.5
 
 
-class ReproduceError(ValueError):
+class ReproduceError(UserError, ValueError):
     """A call that cannot go on (another plan in DIR, a bad option): one line."""
 
 
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def _write_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)  # mkstemp made it 0600: the mode of every other file of DIR
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def _format_seconds(seconds: float) -> str:
@@ -244,7 +229,7 @@ class Reproduction:
             if task.process is not None:
                 self.status["tasks"][task.key]["seconds"] = round(task.earlier_seconds + now - task.started, 1)
         self._saved_at = now
-        _write_atomic(json.dumps(self.status, indent=2) + "\n", self.status_path)
+        write_text_atomic(json.dumps(self.status, indent=2) + "\n", self.status_path)
 
     def check_out_dir(self) -> None:
         """DIR is new, or holds this plan: another plan's runs must not be mixed into its table."""
@@ -265,16 +250,16 @@ class Reproduction:
         --resume`` checks them): an edited plan must not mix its results into the table silently,
         and a finished run would never be checked otherwise."""
         for run in {t.run.name: t.run for t in self.tasks}.values():
-            saved = _read_json(self.run_dir(run) / "config.json")
+            saved = _read_json(RunFolder(self.run_dir(run)).config)
             if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
                 continue
             try:
                 resume_settings(saved["config"], dict(saved.get("method") or {}), dict(run.given),
                                 dict(run.given_method), {}, run.accepted)
-            except SettingError as error:
-                detail = str(error).splitlines()[0].split("differs from the saved run in ", 1)[-1].split(";")[0]
-                raise ReproduceError(f"{self.run_dir(run)} was trained with other settings than the plan's: {detail}; "
-                                     "restore the plan, or move the run folder away to train it anew") from None
+            except SavedSettingDiffers as error:
+                raise ReproduceError(f"{self.run_dir(run)} was trained with other settings than the plan's: "
+                                     f"{error.difference}; restore the plan, or move the run folder away to train "
+                                     "it anew") from None
 
     def settings_document(self, run: PlannedRun) -> dict:
         """What settings/NAME.json holds: the run's settings, data_dir made absolute (a child's
@@ -303,7 +288,7 @@ class Reproduction:
 
     def write_settings(self) -> None:
         for run in {t.run.name: t.run for t in self.tasks}.values():
-            _write_atomic(json.dumps(self.settings_document(run), indent=2) + "\n",
+            write_text_atomic(json.dumps(self.settings_document(run), indent=2) + "\n",
                           self.settings_dir / f"{run.name}.json")
 
     # -- tasks
@@ -405,7 +390,7 @@ class Reproduction:
         else:
             state = run_state(run_dir)
             missing = missing_attacks(run_dir, task.spec, state)
-            attacks = [a for a in ATTACKS if any(a in todo for todo in missing.values())]
+            attacks = [a for a in ATTACK_NAMES if any(a in todo for todo in missing.values())]
             command = [*base, "evaluate", str(run_dir), "--checkpoints", ",".join(missing),
                        "--n-examples", str(task.spec.n_examples)]
             for attack in attacks:
@@ -430,7 +415,7 @@ class Reproduction:
     def _start(self, task: Task, slot: int) -> None:
         device = self.devices[slot % len(self.devices)] if self.devices else None
         if task.kind == "train":
-            _write_atomic(json.dumps(self.settings_document(task.run), indent=2) + "\n",
+            write_text_atomic(json.dumps(self.settings_document(task.run), indent=2) + "\n",
                           self.settings_dir / f"{task.run.name}.json")
         command = self._command(task, device)
         threads = self._threads()
@@ -540,7 +525,7 @@ class Reproduction:
             if pending or self.options.prepare:
                 lock = RunLock(self.out).acquire()  # one call per DIR at a time
             if not (self.out / "plan.toml").is_file():
-                _write_atomic(self.plan.text, self.out / "plan.toml")
+                write_text_atomic(self.plan.text, self.out / "plan.toml")
             if self.options.prepare:
                 self.write_settings()
                 self.options.echo(f"prepared {self.out}: plan.toml and {len(self.plan.runs)} settings files "
@@ -660,8 +645,7 @@ class Reproduction:
     def _fingerprint(self, runs: list[Path]) -> str:
         digest = hashlib.sha256()
         for run in runs:
-            for name in ("config.json", "metrics.jsonl", "eval/best.json", "eval/last.json"):
-                path = run / name
+            for path in RunFolder(run).report_files():
                 if path.is_file():
                     stat = path.stat()
                     digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
@@ -799,7 +783,7 @@ class Reproduction:
             lines += [f"![{name}]({name})", ""]
         if problems:
             lines += ["## Problems writing the outputs", ""] + [f"- {p}" for p in problems] + [""]
-        _write_atomic("\n".join(lines), self.out / "README.md")
+        write_text_atomic("\n".join(lines), self.out / "README.md")
 
     def _task_seconds(self, kind: str) -> float:
         return sum(v.get("seconds", 0.0) for k, v in self.status["tasks"].items()

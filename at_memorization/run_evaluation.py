@@ -7,22 +7,23 @@ Plain functions with explicit arguments, as ``at-mem evaluate`` calls them; erro
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import build_model_from_checkpoint, load_checkpoint, run_setting, write_text_atomic
+from .atomic import check_writable_folder
+from .checkpoint import build_model_from_checkpoint, load_checkpoint, run_setting
 from .data import load_split
 from . import evaluation
 from .progress import Progress
-from .report import ReportError, eval_record, merge_eval_records, read_json
-from .runfolder import CHECKPOINT_NAMES, EVAL_DIR, RunFolder
+from .records import CHECKPOINT_NAMES, eval_record, merge_eval_records
+from .runfolder import RunFolder, RunFolderError
+from .user_errors import UserError
 
 
-class RunEvaluationError(ValueError):
+class RunEvaluationError(UserError, ValueError):
     """The checkpoint or run cannot be evaluated with the given options; one-line reason."""
 
 
@@ -105,21 +106,6 @@ def evaluate_checkpoint(state: dict, checkpoint: str | Path, options: Evaluation
     return record
 
 
-def _check_writable(folder: Path) -> None:
-    """A real write in ``folder`` (made if need be), or a one-line RunEvaluationError."""
-    import os
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".at-mem-write-probe.", dir=folder)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise RunEvaluationError(f"cannot write the results in {folder} ({error.strerror or error}); "
-                                 f"fix its permissions first") from None
-
-
 def _same_weights(a: dict, b: dict) -> bool:
     if a.get("epoch") != b.get("epoch") or a["model"].keys() != b["model"].keys():
         return False
@@ -133,38 +119,37 @@ def evaluate_run(run_dir: str | Path, options: EvaluationOptions,
     (best is last) are evaluated once."""
     folder = RunFolder(run_dir)
     if not folder.last.is_file():
-        raise RunEvaluationError(f"{folder.path} is not a run folder (no last.pt): give a checkpoint file or an "
-                                 "`at-mem train --out` folder")
+        raise RunEvaluationError(f"{folder.path} is not a run folder (no {folder.last.name}): give a checkpoint file "
+                                 "or an `at-mem train --out` folder")
     unknown = [n for n in names if n not in CHECKPOINT_NAMES]
     if unknown or not names:
         raise RunEvaluationError(f"unknown checkpoint name {unknown[0]!r}; use best, last or best,last" if unknown
                                  else "no checkpoint named: give best, last or best,last")
     for name in names:
-        if not folder.file(f"{name}.pt").is_file():
-            raise RunEvaluationError(f"{folder.file(f'{name}.pt')} not found (use --checkpoints to leave it out)")
+        if not folder.checkpoint(name).is_file():
+            raise RunEvaluationError(f"{folder.checkpoint(name)} not found (use --checkpoints to leave it out)")
     previous = {}
     for name in names:  # unreadable earlier results stop us before minutes of attacks
-        path = folder.eval_path(name)
         try:
-            previous[name] = read_json(path) if path.exists() else None
-        except ReportError as error:
+            previous[name] = folder.read_eval(name)
+        except RunFolderError as error:
             raise RunEvaluationError(f"{error}; fix or remove it") from None
-    _check_writable(folder.path / EVAL_DIR)  # before minutes of attacks, not after them
-    states = {name: load_checkpoint(folder.file(f"{name}.pt")) for name in names}
+    check_writable_folder(folder.eval_dir, "the results folder")  # before minutes of attacks, not after them
+    states = {name: load_checkpoint(folder.checkpoint(name)) for name in names}
     done: dict[str, dict] = {}
     for name in names:
-        state, checkpoint = states[name], folder.file(f"{name}.pt")
+        state, checkpoint = states[name], folder.checkpoint(name)
         twin = next((other for other in done if _same_weights(states[other], state)), None)
         if twin is not None:
-            options.log(f"{name}.pt is epoch {state.get('epoch')}, the same weights as {twin}.pt: evaluated once")
+            options.log(f"{checkpoint.name} is epoch {state.get('epoch')}, the same weights as "
+                        f"{folder.checkpoint(twin).name}: evaluated once")
             record = {**done[twin], "checkpoint": str(checkpoint)}
         else:
-            options.log(f"{name}.pt (epoch {state.get('epoch')}):")
+            options.log(f"{checkpoint.name} (epoch {state.get('epoch')}):")
             record = evaluate_checkpoint(state, checkpoint, options)
         done[name] = record
         merged, replaced = merge_eval_records(previous[name], record, requested=options.attacks)
-        path = folder.eval_path(name)
         if replaced:
-            options.log(f"{path}: {replaced}; overwriting it")
-        write_text_atomic(json.dumps(merged, indent=2) + "\n", path)
+            options.log(f"{folder.eval_path(name)}: {replaced}; overwriting it")
+        folder.write_eval(name, merged)
     return done

@@ -34,7 +34,10 @@ import json
 import math
 from pathlib import Path
 
+from .records import CHECKPOINT_NAMES
+from .atomic import link_or_copy, write_text_atomic
 from .runlock import LOCK_NAME, RunLock, check_free
+from .user_errors import UserError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -46,10 +49,11 @@ INIT = "init.pt"
 LABELS = "labels.pt"
 TRACKING = "tracking.pt"
 EVAL_DIR = "eval"
-CHECKPOINT_NAMES = ("best", "last")  # the checkpoints `at-mem evaluate RUN` evaluates
+TENSORBOARD_DIR = "tensorboard"  # --logger tensorboard's event files
+WANDB_ID = "wandb-id.txt"  # --logger wandb's run id, so that a resume continues the same W&B run
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """A run folder's file is missing or unreadable; the message names it, in one line."""
 
 
@@ -88,9 +92,27 @@ class RunFolder:
     tracking = property(lambda self: self.path / TRACKING)
     lock_path = property(lambda self: self.path / LOCK_NAME)
 
+    eval_dir = property(lambda self: self.path / EVAL_DIR)
+    tensorboard_dir = property(lambda self: self.path / TENSORBOARD_DIR)
+    wandb_id = property(lambda self: self.path / WANDB_ID)
+
+    def checkpoint(self, which: str) -> Path:
+        """``RUN/best.pt`` or ``RUN/last.pt`` (``which``: one of ``records.CHECKPOINT_NAMES``)."""
+        return self._named(which, self.path, ".pt")
+
     def eval_path(self, which: str) -> Path:
         """``RUN/eval/best.json`` or ``RUN/eval/last.json``."""
-        return self.path / EVAL_DIR / f"{which}.json"
+        return self._named(which, self.eval_dir, ".json")
+
+    @staticmethod
+    def _named(which: str, folder: Path, suffix: str) -> Path:
+        if which not in CHECKPOINT_NAMES:
+            raise ValueError(f"unknown checkpoint name {which!r}; use {' or '.join(CHECKPOINT_NAMES)}")
+        return folder / f"{which}{suffix}"
+
+    def report_files(self) -> list[Path]:
+        """The files ``at-mem report`` reads (present or not): config.json, metrics.jsonl, eval/*.json."""
+        return [self.config, self.metrics, *(self.eval_path(which) for which in CHECKPOINT_NAMES)]
 
     def holds_run(self) -> bool:
         """Whether a run wrote a checkpoint here (then a new run must not start in it)."""
@@ -105,8 +127,6 @@ class RunFolder:
 
     # ------------------------------------------------------------------ config.json
     def write_config(self, document: dict) -> None:
-        from .checkpoint import write_text_atomic
-
         write_text_atomic(json.dumps(document, indent=2) + "\n", self.config)
 
     def read_config(self) -> dict:
@@ -119,8 +139,6 @@ class RunFolder:
 
     # ------------------------------------------------------------------ metrics.jsonl
     def start_metrics(self) -> None:
-        from .checkpoint import write_text_atomic
-
         write_text_atomic("", self.metrics)
 
     def append_metrics(self, record: dict) -> None:
@@ -128,8 +146,6 @@ class RunFolder:
             handle.write(json.dumps(record) + "\n")
 
     def rewrite_metrics(self, records: list[dict]) -> None:
-        from .checkpoint import write_text_atomic
-
         write_text_atomic("".join(json.dumps(r) + "\n" for r in records), self.metrics)
 
     def read_metrics(self, *, allow_empty: bool = False) -> list[dict]:
@@ -168,6 +184,16 @@ class RunFolder:
             raise RunFolderError(f"{path} is empty: the run has not finished an epoch yet")
         return sorted(records, key=lambda r: r["epoch"])
 
+    # ------------------------------------------------------------------ eval/<checkpoint>.json
+    def read_eval(self, which: str):
+        """``eval/<which>.json`` as parsed JSON (not checked to be a record), None when absent; an
+        unreadable file is a RunFolderError naming it."""
+        path = self.eval_path(which)
+        return read_json(path) if path.exists() else None
+
+    def write_eval(self, which: str, record: dict) -> None:
+        write_text_atomic(json.dumps(record, indent=2) + "\n", self.eval_path(which))
+
     # ------------------------------------------------------------------ history.jsonl
     def record_event(self, event: str, **details) -> None:
         """One line in history.jsonl; call it once the event took effect."""
@@ -188,7 +214,7 @@ class RunFolder:
 
         self._refuse_non_finite(state, LAST)
         if self._last_is_good and self.last.is_file():
-            ckpt.link_or_copy(self.last, self.previous)
+            link_or_copy(self.last, self.previous)
             self.last_good = (self.previous, self.last_good[1]) if self.last_good else None
         self._last_is_good = False  # until the new file is in place
         ckpt.save_atomic(state, self.last)
@@ -267,15 +293,20 @@ def describe_checkpoint(state: dict) -> str:
     return f"epoch {state.get('epoch')}"
 
 
+def read_text(path: str | Path, error: type[Exception], name: str | None = None) -> str:
+    """A text file's content, or ``error`` naming it (``name``, by default its path) in one line."""
+    name = name or str(path)
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise error(f"{name}: no such file") from None
+    except (OSError, UnicodeDecodeError) as failure:
+        raise error(f"{name}: cannot read ({getattr(failure, 'strerror', None) or failure})") from failure
+
+
 def read_json(path: str | Path):
     """A JSON file, or RunFolderError naming it."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RunFolderError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RunFolderError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from error
+    text = read_text(path, RunFolderError)
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:

@@ -45,6 +45,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .user_errors import UserError
+
 try:
     import fcntl
 except ImportError:  # not POSIX: takers are not serialized; the rename's check still applies
@@ -59,7 +61,7 @@ _ATTEMPTS = 10
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
-class RunLockError(RuntimeError):
+class RunLockError(UserError, RuntimeError):
     """The run folder is in use by another process; the message names it."""
 
 

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .user_errors import UserError
 
-class TrainingError(RuntimeError):
+
+class TrainingError(UserError, RuntimeError):
     """A run cannot start or continue; the message says why in one line."""
 
 
@@ -34,21 +36,27 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``--device`` as a torch.device (default: cuda when available), or a one-line TrainingError."""
+class DeviceError(TrainingError, ValueError):
+    """A device that does not exist here; a ValueError too, as a bad argument of a library call."""
+
+
+def resolve_device(device: str | None, use_cpu: str = "--device cpu") -> torch.device:
+    """A device name as a torch.device (default: cuda when available), or a one-line DeviceError;
+    ``use_cpu`` is how the caller's user asks for the CPU (``--device cpu``, ``device='cpu'``). The one
+    device parser."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise TrainingError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise TrainingError(f"device {device} requested but CUDA is not available (use --device cpu)")
+            raise DeviceError(f"device {device} requested but CUDA is not available (use {use_cpu})")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise TrainingError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise DeviceError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     elif resolved.type not in ("cpu", "mps"):
-        raise TrainingError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+        raise DeviceError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     return resolved
 
 

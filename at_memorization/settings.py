@@ -2,10 +2,12 @@
 
 A :class:`Setting` states a setting's name, type, default (or how it is derived), help text, bounds,
 whether ``at-mem train --resume --override`` may change it, whether it may differ on resume without
-one, and whether ``at-mem report`` groups runs by it. Everything else is generated from
-``RUN_SETTINGS``: the ``RunConfig`` dataclass, the ``at-mem train`` options, reading TOML files and
-``config.json``, ``--override`` values, validation and ``--print-config``. A method's own settings
-(``Hyperparameter``) are Settings too, checked by the same code.
+one, and whether ``at-mem report`` groups runs by it. Each run setting is a field of the
+``RunConfig`` class, typed for editors and type checkers, whose ``setting(...)`` declaration is its
+Setting; ``RUN_SETTINGS`` is read from those fields. Everything else is generated from it: the
+``at-mem train`` options, reading TOML files and ``config.json``, ``--override`` values, validation
+and ``--print-config``. A method's own settings (``Hyperparameter``) are Settings too, checked by the
+same code.
 
 Types are strict: ``epochs = 1.7`` or ``epochs = true`` in a file is an error, never a silent
 ``1``. Text (command line, ``--override``) is read with the setting's type; numbers may be written as
@@ -26,11 +28,26 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
+
+from .user_errors import UserError
 
 
-class SettingError(ValueError):
+class SettingError(UserError, ValueError):
     """A setting's value is of the wrong type or out of bounds; the message says which, in one line."""
+
+
+class SavedSettingDiffers(SettingError):
+    """A setting given for a resumed run differs from the run's saved one: ``difference`` names the
+    setting and both values (``at-mem reproduce`` words its own refusal around it)."""
+
+    def __init__(self, name: str, saved, given, hint: str):
+        self.name, self.saved, self.given = name, saved, given
+        super().__init__(f"--resume: the configuration differs from the saved run in {self.difference}; {hint}")
+
+    @property
+    def difference(self) -> str:
+        return f"{self.name!r} (saved {self.saved!r}, given {self.given!r})"
 
 
 # Named bundles of defaults (a setting given explicitly wins over its preset's value).
@@ -65,10 +82,6 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    @property
-    def label(self) -> str:
-        return self.flag
-
     def default_text(self) -> str:
         if self.default_help:
             return self.default_help
@@ -83,6 +96,7 @@ class Setting:
         """A value written as text (command line, --override): read with this setting's type (and,
         unless ``check_bounds`` is false, checked against its bounds)."""
         raw = str(text).strip()
+        value: Any
         try:
             if self.type is bool:
                 if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -97,7 +111,7 @@ class Setting:
             else:
                 value = raw
         except (ValueError, ZeroDivisionError, OverflowError):
-            raise SettingError(f"{self.label}: {raw!r} is not {self._kind()}") from None
+            raise SettingError(f"{self.flag}: {raw!r} is not {self._kind()}") from None
         return self.check(value) if check_bounds else value
 
     def coerce(self, value):
@@ -106,11 +120,11 @@ class Setting:
         if value is None:
             if self.default is None:  # optional or derived: None means "not given"
                 return None
-            raise SettingError(f"{self.label}: a value is required, got none")
+            raise SettingError(f"{self.flag}: a value is required, got none")
         if isinstance(value, str) and self.type is not str:
             if self.type in (float, list):
                 return self.parse_text(value)
-            raise SettingError(f"{self.label}: {value!r} is not {self._kind()}")
+            raise SettingError(f"{self.flag}: {value!r} is not {self._kind()}")
         ok = {
             bool: isinstance(value, bool),
             int: isinstance(value, int) and not isinstance(value, bool),
@@ -120,12 +134,12 @@ class Setting:
                                                            for v in value),
         }[self.type]
         if not ok:
-            raise SettingError(f"{self.label}: {value!r} ({type(value).__name__}) is not {self._kind()}")
+            raise SettingError(f"{self.flag}: {value!r} ({type(value).__name__}) is not {self._kind()}")
         if self.type is float:
             try:
                 value = float(value)
             except OverflowError:
-                raise SettingError(f"{self.label} must be a finite number, got {value}") from None
+                raise SettingError(f"{self.flag} must be a finite number, got {value}") from None
         elif self.type is list:
             value = list(value)
         return self.check(value)
@@ -135,16 +149,16 @@ class Setting:
         if value is None:
             return value
         if self.choices is not None and value not in self.choices:
-            raise SettingError(f"{self.label} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+            raise SettingError(f"{self.flag} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
         numbers = value if isinstance(value, list) else [value] if self.type in (int, float) else []
         for number in numbers:
             if isinstance(number, float) and not math.isfinite(number):
-                raise SettingError(f"{self.label} must be a finite number, got {number}")
+                raise SettingError(f"{self.flag} must be a finite number, got {number}")
             low, high = self.minimum, self.maximum
             too_low = low is not None and (number <= low if self.exclusive_minimum else number < low)
             too_high = high is not None and (number >= high if self.exclusive_maximum else number > high)
             if too_low or too_high:
-                raise SettingError(f"{self.label} must be {self.bounds_text()}, got {value}")
+                raise SettingError(f"{self.flag} must be {self.bounds_text()}, got {value}")
         return value
 
     def bounds_text(self) -> str:
@@ -188,81 +202,105 @@ def _milestones(values: dict) -> list[int]:
 
 
 # --------------------------------------------------------------------------- the declaration
-def _s(name, type_, default=None, help="", **kwargs) -> Setting:
-    return Setting(name, type_, default, help, **kwargs)
+_Value = TypeVar("_Value")
 
 
-RUN_SETTINGS: tuple[Setting, ...] = (
-    _s("method", str, "pgd-at", "Training method (see `at-mem methods`)."),
-    _s("dataset", str, "cifar10", "Data set (imagefolder: DIR/train/<class>/*, DIR/test/<class>/*).",
-       choices=("cifar10", "cifar10-exact", "cifar100", "svhn", "mnist", "fashion-mnist", "imagefolder")),
-    _s("data_dir", str, "./data", "Where the data is, or is downloaded to.", free_on_resume=True,
-       groups_report=False),
-    _s("model", str, "preactresnet18", "A backbone (see `at-mem models`) or any timm model."),
-    _s("drop_rate", float, None, "Dropout rate of models that have dropout (timm's drop_rate).",
-       minimum=0.0, maximum=1.0, exclusive_maximum=True, default_help="the model's own, e.g. 0.5 for smallcnn"),
-    _s("epochs", int, 200, "Number of epochs.", minimum=1, overridable=True),
-    _s("batch_size", int, 128, "Global batch size (split over processes).", minimum=1),
-    _s("lr", float, 0.1, "Learning rate.", minimum=0.0, exclusive_minimum=True, overridable=True),
-    _s("momentum", float, 0.9, "SGD momentum.", minimum=0.0, maximum=1.0, exclusive_maximum=True,
-       overridable=True),
-    _s("weight_decay", float, None, "Weight decay.", minimum=0.0, overridable=True,
-       derived=_from_preset("weight_decay", 5e-4), default_help="5e-4; 0 with --preset random-labels"),
-    _s("schedule", str, "step", "Learning-rate schedule.", choices=("step", "cosine"), overridable=True),
-    _s("milestones", list, None, "Epochs after which the step schedule multiplies the lr by --lr-gamma.",
-       minimum=1, overridable=True, derived=_milestones,
-       default_help="50% and 75% of --epochs, i.e. 100,150 of 200: epochs 101 and 151 start at the lower lr"),
-    _s("lr_gamma", float, 0.1, "Factor of the step schedule at each milestone.", minimum=0.0,
-       exclusive_minimum=True, overridable=True),
-    _s("eps", float, 8 / 255, "Perturbation budget, e.g. 8/255.", minimum=0.0, fraction=True, overridable=True,
-       default_help="8/255"),
-    _s("step_size", float, 2 / 255, "Attack step size.", minimum=0.0, fraction=True, overridable=True,
-       default_help="2/255"),
-    _s("steps", int, 10, "Attack steps during training.", minimum=0, overridable=True),
-    _s("norm", str, "Linf", "Threat model.", choices=("Linf", "L2")),
+def setting(type_: type[_Value], default: _Value | None = None, help: str = "", **declaration: Any) -> _Value:
+    """One field of :class:`RunConfig` and its :class:`Setting` (in the field's metadata), declared in
+    one statement; the setting's name is the field's (filled in below the class). Typed as the value so
+    that a type checker reads ``eps: float = setting(float, ...)`` as it reads ``eps: float = 0.03``."""
+    declared = Setting("", type_, default, help, **declaration)
+    metadata = {"setting": declared}
+    if isinstance(default, list):  # a fresh list per config, never one shared by all
+        return field(default_factory=lambda: list(default), metadata=metadata)  # type: ignore[return-value]
+    return field(default=default, metadata=metadata)  # type: ignore[return-value]
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run, each field declared with its :class:`Setting`: plain values only, saved in
+    each checkpoint and in config.json. ``method_args``: the method's own settings as given.
+
+    A field whose default is None is optional or derived (:meth:`resolve`); its type says ``| None``."""
+
+    method: str = setting(str, "pgd-at", "Training method (see `at-mem methods`).")
+    dataset: str = setting(
+        str, "cifar10", "Data set (imagefolder: DIR/train/<class>/*, DIR/test/<class>/*).",
+        choices=("cifar10", "cifar10-exact", "cifar100", "svhn", "mnist", "fashion-mnist", "imagefolder"))
+    data_dir: str = setting(str, "./data", "Where the data is, or is downloaded to.", free_on_resume=True,
+                            groups_report=False)
+    model: str = setting(str, "preactresnet18", "A backbone (see `at-mem models`) or any timm model.")
+    drop_rate: float | None = setting(
+        float, None, "Dropout rate of models that have dropout (timm's drop_rate).", minimum=0.0, maximum=1.0,
+        exclusive_maximum=True, default_help="the model's own, e.g. 0.5 for smallcnn")
+    epochs: int = setting(int, 200, "Number of epochs.", minimum=1, overridable=True)
+    batch_size: int = setting(int, 128, "Global batch size (split over processes).", minimum=1)
+    lr: float = setting(float, 0.1, "Learning rate.", minimum=0.0, exclusive_minimum=True, overridable=True)
+    momentum: float = setting(float, 0.9, "SGD momentum.", minimum=0.0, maximum=1.0, exclusive_maximum=True,
+                              overridable=True)
+    weight_decay: float | None = setting(
+        float, None, "Weight decay.", minimum=0.0, overridable=True, derived=_from_preset("weight_decay", 5e-4),
+        default_help="5e-4; 0 with --preset random-labels")
+    schedule: str = setting(str, "step", "Learning-rate schedule.", choices=("step", "cosine"), overridable=True)
+    milestones: list[int] | None = setting(
+        list, None, "Epochs after which the step schedule multiplies the lr by --lr-gamma.", minimum=1,
+        overridable=True, derived=_milestones,
+        default_help="50% and 75% of --epochs, i.e. 100,150 of 200: epochs 101 and 151 start at the lower lr")
+    lr_gamma: float = setting(float, 0.1, "Factor of the step schedule at each milestone.", minimum=0.0,
+                              exclusive_minimum=True, overridable=True)
+    eps: float = setting(float, 8 / 255, "Perturbation budget, e.g. 8/255.", minimum=0.0, fraction=True,
+                         overridable=True, default_help="8/255")
+    step_size: float = setting(float, 2 / 255, "Attack step size.", minimum=0.0, fraction=True, overridable=True,
+                               default_help="2/255")
+    steps: int = setting(int, 10, "Attack steps during training.", minimum=0, overridable=True)
+    norm: str = setting(str, "Linf", "Threat model.", choices=("Linf", "L2"))
     # A config.json without this key (a run saved before it existed) means "eval", the mode those runs
     # trained with: resume_settings and the report fill a missing key with the default.
-    _s("attack_bn", str, "eval", "The model's mode during the training attack. eval: BatchNorm uses its running "
-       "statistics and leaves them unchanged, dropout is off (the official TE, TRADES and MART code). train: "
-       "BatchNorm normalizes with each attack batch's statistics and updates its running statistics at every "
-       "attack step, dropout draws masks (Rice et al.'s and AWP's code). The per-epoch evaluation is in eval "
-       "mode either way. Measured on CIFAR-10: train makes PGD-AT overfit less, AWP is unchanged "
-       "(docs/differences.md).", choices=("eval", "train"), overridable=True),
-    _s("augment", bool, None, "Standard augmentation (CIFAR: crop+flip; none for SVHN/MNIST).", switch=True,
-       derived=_from_preset("augment", True), default_help="on; off with --preset random-labels"),
-    _s("label_noise", float, None, "Symmetric label noise rate R in [0,1]; 1 = random labels.",
-       minimum=0.0, maximum=1.0, derived=_from_preset("label_noise", 0.0),
-       default_help="0; 1 with --preset random-labels"),
-    _s("input_noise", str, None, "Randomize the training images.",
-       choices=("shuffled-pixels", "random-pixels", "gaussian")),
-    _s("input_noise_fraction", float, 1.0, "Fraction of training images randomized by --input-noise.",
-       minimum=0.0, maximum=1.0),
-    _s("train_size", int, None, "Use the first N training points.", minimum=1, default_help="all"),
-    _s("test_size", int, None, "Use the first N test points.", minimum=1, overridable=True, default_help="all"),
-    _s("eval_steps", int, 10, "PGD steps (of --step-size) for the per-epoch test robust accuracy that selects "
-       "best.pt; 10 as the official TE code and Rice et al. (at-mem evaluate uses PGD-20).", minimum=0,
-       overridable=True),
-    _s("eval_train_size", int, 0, "Also report clean/PGD accuracy on the first N training points (on their "
-       "training labels) at each evaluated epoch.", minimum=0, overridable=True),
-    _s("eval_every", int, 1, "Evaluate (test clean/PGD accuracy, best.pt selection) every N epochs and at the "
-       "last; on a CPU the per-epoch evaluation can take longer than training.", minimum=1, overridable=True),
-    _s("track_samples", bool, False, "Record each training sample's adversarial correctness and loss per epoch "
-       "(tracking.pt).", groups_report=False),
-    _s("seed", int, 0, "Random seed (data order, initialization, attacks, noise).", groups_report=False),
-    _s("bf16", bool, False, "bfloat16 autocast for attack and update (fp32 weights).", overridable=True),
-    _s("channels_last", bool, False, "channels_last memory format.", overridable=True, groups_report=False),
-    _s("compile", bool, False, "torch.compile the model for attack and update, with CUDA graphs on a GPU "
-       "(slow first steps).", free_on_resume=True, groups_report=False),
-    _s("preset", str, None, "random-labels: label noise 1, weight decay 0, no augmentation (the paper's "
-       "setting).", choices=tuple(sorted(PRESETS))),
-)
-SETTINGS_BY_NAME = {s.name: s for s in RUN_SETTINGS}
-# Written into a run's config.json beside its settings; not settings (the report ignores them too).
-RECORD_ONLY = ("device", "world_size")
+    attack_bn: str = setting(
+        str, "eval", "The model's mode during the training attack. eval: BatchNorm uses its running "
+        "statistics and leaves them unchanged, dropout is off (the official TE, TRADES and MART code). train: "
+        "BatchNorm normalizes with each attack batch's statistics and updates its running statistics at every "
+        "attack step, dropout draws masks (Rice et al.'s and AWP's code). The per-epoch evaluation is in eval "
+        "mode either way. Measured on CIFAR-10: train makes PGD-AT overfit less, AWP is unchanged "
+        "(docs/differences.md).", choices=("eval", "train"), overridable=True)
+    augment: bool | None = setting(
+        bool, None, "Standard augmentation (CIFAR: crop+flip; none for SVHN/MNIST).", switch=True,
+        derived=_from_preset("augment", True), default_help="on; off with --preset random-labels")
+    label_noise: float | None = setting(
+        float, None, "Symmetric label noise rate R in [0,1]; 1 = random labels.", minimum=0.0, maximum=1.0,
+        derived=_from_preset("label_noise", 0.0), default_help="0; 1 with --preset random-labels")
+    input_noise: str | None = setting(str, None, "Randomize the training images.",
+                                      choices=("shuffled-pixels", "random-pixels", "gaussian"))
+    input_noise_fraction: float = setting(float, 1.0, "Fraction of training images randomized by --input-noise.",
+                                          minimum=0.0, maximum=1.0)
+    train_size: int | None = setting(int, None, "Use the first N training points.", minimum=1, default_help="all")
+    test_size: int | None = setting(int, None, "Use the first N test points.", minimum=1, overridable=True,
+                                    default_help="all")
+    eval_steps: int = setting(
+        int, 10, "PGD steps (of --step-size) for the per-epoch test robust accuracy that selects best.pt; 10 as "
+        "the official TE code and Rice et al. (at-mem evaluate uses PGD-20).", minimum=0, overridable=True)
+    eval_train_size: int = setting(
+        int, 0, "Also report clean/PGD accuracy on the first N training points (on their training labels) at "
+        "each evaluated epoch.", minimum=0, overridable=True)
+    eval_every: int = setting(
+        int, 1, "Evaluate (test clean/PGD accuracy, best.pt selection) every N epochs and at the last; on a CPU "
+        "the per-epoch evaluation can take longer than training.", minimum=1, overridable=True)
+    track_samples: bool = setting(
+        bool, False, "Record each training sample's adversarial correctness and loss per epoch (tracking.pt).",
+        groups_report=False)
+    seed: int = setting(int, 0, "Random seed (data order, initialization, attacks, noise).", groups_report=False)
+    bf16: bool = setting(bool, False, "bfloat16 autocast for attack and update (fp32 weights).", overridable=True)
+    channels_last: bool = setting(bool, False, "channels_last memory format.", overridable=True,
+                                  groups_report=False)
+    compile: bool = setting(
+        bool, False, "torch.compile the model for attack and update, with CUDA graphs on a GPU (slow first "
+        "steps).", free_on_resume=True, groups_report=False)
+    preset: str | None = setting(
+        str, None, "random-labels: label noise 1, weight decay 0, no augmentation (the paper's setting).",
+        choices=tuple(sorted(PRESETS)))
+    method_args: dict[str, Any] = field(default_factory=dict)
 
-
-def _namespace():
-    def resolve(self) -> "RunConfig":
+    def resolve(self) -> RunConfig:
         """A copy with every derived setting filled in (presets, weight decay, augmentation, label
         noise, milestones). The one place defaults are derived: the CLI only parses, so ``at-mem
         train --epochs 10`` and ``Trainer(RunConfig(epochs=10), ...)`` train alike. Idempotent."""
@@ -289,17 +327,22 @@ def _namespace():
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    return {"resolve": resolve, "derived_names": derived_names, "validate": validate, "to_dict": to_dict,
-            "__doc__": "Every setting of a run (see RUN_SETTINGS): plain values only, saved in each checkpoint "
-                       "and in config.json. ``method_args``: the method's own settings as given."}
+
+def _declared_settings() -> tuple[Setting, ...]:
+    """RunConfig's Settings in field order, each named after its field: written here, once, at import,
+    so that a field's metadata and RUN_SETTINGS hold the same object."""
+    declared = []
+    for run_field in dataclasses.fields(RunConfig):
+        if "setting" in run_field.metadata:
+            object.__setattr__(run_field.metadata["setting"], "name", run_field.name)  # frozen once named
+            declared.append(run_field.metadata["setting"])
+    return tuple(declared)
 
 
-RunConfig = dataclasses.make_dataclass(
-    "RunConfig",
-    [(s.name, Any, field(default=s.default if not isinstance(s.default, list) else None)) for s in RUN_SETTINGS]
-    + [("method_args", dict, field(default_factory=dict))],
-    namespace=_namespace())
-RunConfig.__module__ = __name__
+RUN_SETTINGS: tuple[Setting, ...] = _declared_settings()
+SETTINGS_BY_NAME = {s.name: s for s in RUN_SETTINGS}
+# Written into a run's config.json beside its settings; not settings (the report ignores them too).
+RECORD_ONLY = ("device", "world_size")
 
 
 # --------------------------------------------------------------------------- reading settings
@@ -314,7 +357,8 @@ def read_settings(raw: dict, hyperparameters: dict[str, Setting], source: str) -
     method_table = raw.pop("method_args", None) or {}
     if not isinstance(method_table, dict):
         raise SettingError(f"{source}: method_args must be a table of a method's settings")
-    run_values, method_values = {}, {}
+    run_values: dict[str, Any] = {}
+    method_values: dict[str, Any] = {}
     for key, value in [*raw.items(), *method_table.items()]:
         name = str(key).replace("-", "_")
         setting = SETTINGS_BY_NAME.get(name) or hyperparameters.get(name)
@@ -382,8 +426,7 @@ def resume_settings(saved: dict, saved_method: dict, given: dict, given_method: 
             elif target.get(name) != value:
                 hint = (f"to change it deliberately add --override {name}=VALUE" if setting is not None and
                         setting.overridable else "it cannot change on resume; start a new run (another --out)")
-                raise SettingError(f"--resume: the configuration differs from the saved run in {name!r} (saved "
-                                   f"{target.get(name)!r}, given {value!r}); {hint}")
+                raise SavedSettingDiffers(name, target.get(name), value, hint)
     changes = {}
     for name, value in overrides.items():
         setting = SETTINGS_BY_NAME.get(name) or hyperparameters.get(name)

@@ -1,71 +1,37 @@
-"""The user-facing errors of the library, and the decorator that turns them into one CLI line.
+"""The base class of every error a user can cause, and the decorator that turns them into one CLI line.
 
-Shared by ``cli.py`` and ``analysis/commands.py`` (which therefore need not import each other).
-Importing this module imports nothing else of the package: the error classes live in the modules
-that raise them (most import torch), so they are gathered when an error has to be matched, and
-``at-mem --help`` stays fast.
+Every module that raises a user-facing error derives its class from :class:`UserError` (besides the
+builtin it also is, e.g. ``class DataError(UserError, ValueError)``, so that ``except ValueError``
+still catches it); ``one_line_errors`` (shared by ``cli.py`` and ``analysis/commands.py``, which
+therefore need not import each other) prints any of them as ``Error: <one line>``. This module
+imports nothing, not even click until a command fails, so that every module may import it and
+``at-mem --help`` stays fast; tests/test_user_errors.py checks that no user error is left out.
 """
 
 from __future__ import annotations
 
 import functools
 
-import click
+
+class UserError(Exception):
+    """A mistake of the user (a bad value, a missing or foreign file, a busy folder, a broken
+    installation), not a bug: the message says what is wrong in its first line."""
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
     """The input cannot be analysed (missing file, wrong kind of run); the message says why in one line."""
 
 
-# Where each user-facing error class lives (module, class), for matching without importing.
-_USER_ERROR_CLASSES = (("._compat", "RobustBenchUnavailable"), (".checkpoint", "CheckpointError"),
-                       (".checkpoint", "WriteError"),
-                       (".data", "DataError"), (".methods.base", "MethodError"),
-                       (".methods.registry", "UnknownMethodError"), (".models", "UnknownModelError"),
-                       (".run_evaluation", "RunEvaluationError"), (".runfolder", "RunFolderError"),
-                       (".runlock", "RunLockError"), (".settings", "SettingError"), (".runtime", "TrainingError"))
-
-
-def _is_user_error(error: Exception) -> bool:
-    """Whether ``error`` is one of the user errors. Only classes of modules already imported are
-    looked at: an error cannot be an instance of a class whose module was never imported, so a
-    refusal raised before torch is imported (a busy run folder) does not import it."""
-    import sys
-
-    if isinstance(error, (FileNotFoundError, AnalysisError)):
-        return True
-    package = __name__.rsplit(".", 1)[0]
-    for module, name in _USER_ERROR_CLASSES:
-        loaded = sys.modules.get(package + module)
-        if loaded is not None and isinstance(error, getattr(loaded, name)):
-            return True
-    return False
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions the CLI prints as one ``Error: ...`` line (imports the modules raising them)."""
-    import importlib
-
-    return tuple(getattr(importlib.import_module(module, __package__), name) for module, name in _USER_ERROR_CLASSES) + (
-        FileNotFoundError, AnalysisError)
-
-
-def __getattr__(name):
-    if name == "USER_ERRORS":  # API: the tuple, built on first use
-        return user_errors()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def one_line_errors(func):
-    """Turn the library's user-facing errors into ``Error: <one line>`` and exit status 1."""
+    """Turn the library's user-facing errors (and a missing file) into ``Error: <one line>`` and exit status 1."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except Exception as error:
-            if isinstance(error, click.ClickException) or not _is_user_error(error):
-                raise
-            raise click.ClickException(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        except (UserError, FileNotFoundError) as error:
+            import click
+
+            raise click.ClickException(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
 
     return wrapper

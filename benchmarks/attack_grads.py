@@ -48,7 +48,7 @@ from bench_train import add_run_arguments, device_name, make_data, package_train
 
 import at_memorization.attacks as attacks_module  # noqa: E402
 import at_memorization.methods.base as base_module  # noqa: E402
-from at_memorization.checkpoint import write_text_atomic  # noqa: E402
+from at_memorization.atomic import write_text_atomic  # noqa: E402
 
 SIDES = ("input_only", "with_weight_grads")
 
@@ -77,9 +77,9 @@ def count_gradient_work(trainer, batch, device) -> dict:
     x, y, index = batch
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
-        if trainer._cuda_graphs:
+        if trainer.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with trainer._autocast():
+        with trainer.autocast():
             trainer.method.attack(trainer.attack_model, x, y, index, 2)
         sync(device)
     conv, weight = 0, 0
@@ -104,16 +104,16 @@ def measure_variant(variant: str, args, bundle, out_root) -> dict:
     trainer = package_trainer(args.method, args.model, bundle, args, out_root)
     try:
         generator = torch.Generator().manual_seed(1)
-        batches = [trainer._prepare(idx.to(device), generator)
+        batches = [trainer.prepare_batch(idx.to(device), generator)
                    for idx in torch.arange(len(bundle.train), device="cpu").split(args.batch_size)]
 
         def attack_pass() -> float:
             sync(device)
             start = time.perf_counter()
             for x, y, index in batches:
-                if trainer._cuda_graphs:
+                if trainer.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                with trainer._autocast():
+                with trainer.autocast():
                     trainer.method.attack(trainer.attack_model, x, y, index, 2)
             sync(device)
             return time.perf_counter() - start

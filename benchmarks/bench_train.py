@@ -323,6 +323,18 @@ class TimedTrainer(Trainer):
         self.epoch_times: list[dict] = []
         self._current: dict = {}
         super().__init__(*args, **kwargs)
+        # the evaluation and the checkpoint writes are collaborators' (training.epoch_eval, the run
+        # folder): time them where they run
+        self.evaluator.evaluate_split = self._timed("eval_{}", self.evaluator.evaluate_split)
+        self.folder.save_last = self._timed("write_last_checkpoint", self.folder.save_last)
+
+    def _timed(self, key: str, function):
+        def timed(*args):
+            start = time.perf_counter()
+            function(*args)  # an evaluation ends with .cpu(): synchronized
+            name = key.format(*args[:1])
+            self._current[name] = self._current.get(name, 0.0) + time.perf_counter() - start
+        return timed
 
     def _sync(self) -> None:
         sync(self.ctx.device)
@@ -335,17 +347,6 @@ class TimedTrainer(Trainer):
         self._sync()
         self._current["train"] = time.perf_counter() - start
         return record
-
-    def evaluate_split(self, prefix, record):
-        start = time.perf_counter()
-        super().evaluate_split(prefix, record)  # ends with .cpu(): synchronized
-        self._current[f"eval_{prefix}"] = time.perf_counter() - start
-
-    def _save_last(self, state, what):
-        start = time.perf_counter()
-        super()._save_last(state, what)
-        self._current["write_last_checkpoint"] = self._current.get("write_last_checkpoint", 0.0) + (
-            time.perf_counter() - start)
 
     def epoch_finished(self, record) -> None:  # the epoch_end callback: after metrics and checkpoints
         current = self._current

@@ -44,7 +44,7 @@ def former_evaluate_epoch(trainer: Trainer, record: dict) -> None:
     if config.eval_train_size:
         splits.append(("train", trainer.data.train, min(config.eval_train_size, len(trainer.data.train))))
     for prefix, dataset, n in splits:
-        images, labels, _ = dataset.batch(trainer._shard(n))
+        images, labels, _ = dataset.batch(trainer.evaluator.shard(n))
         counts = []
         for attack_or_none in (None, attack):
             flags = correct_flags(trainer.model, images, labels, batch_size=default_batch_size(trainer.ctx.device),
@@ -62,7 +62,7 @@ def batch_size_effect(trainer: Trainer, sizes: list[int], repeats: int, device) 
     from at_memorization.runtime import eval_mode
 
     config = trainer.config
-    images, labels, _ = trainer._evaluation_set("test")
+    images, labels, _ = trainer.evaluator.evaluation_set("test")
     attack = selection_pgd(trainer.model, config.eps, config.step_size, config.eval_steps, config.norm)
     default = default_batch_size(device)
 

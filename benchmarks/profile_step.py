@@ -44,7 +44,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import add_run_arguments, device_name, make_data, package_trainer, sync, versions  # noqa: E402
 
-from at_memorization.checkpoint import write_text_atomic  # noqa: E402
+from at_memorization.atomic import write_text_atomic  # noqa: E402
 
 VARIANTS = ("eager", "compile", "compile_cudagraphs")
 LAUNCH_NAMES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
@@ -88,8 +88,8 @@ def profile_variant(variant: str, args, bundle, out_root) -> dict:
     try:
         if variant != "eager":
             mode = "reduce-overhead" if variant == "compile_cudagraphs" else None
-            trainer.attack_model = trainer.train_model = torch.compile(trainer.model, mode=mode, dynamic=False)
-            trainer._cuda_graphs = mode == "reduce-overhead" and args.device.type == "cuda"  # as --compile does
+            trainer.parts.attack_model = trainer.parts.train_model = torch.compile(trainer.model, mode=mode, dynamic=False)
+            trainer.parts.cuda_graphs = mode == "reduce-overhead" and args.device.type == "cuda"  # as --compile does
         steps = len(bundle.train) // args.batch_size
         started = time.perf_counter()
         for _ in range(args.warmup):  # compilation, cuDNN autotuning, CUDA-graph recording

@@ -74,7 +74,7 @@ class StopAfterEpoch(Exception):
 
 def train(out: Path, run: str, args: list[str], stop_after: int | None) -> None:
     import at_memorization.cli as cli
-    import at_memorization.training as training
+    import at_memorization.training.loop as training  # the module whose epoch_batches the loop calls
 
     rank = dist.get_rank()
     seen: list[dict] = []

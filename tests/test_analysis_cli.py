@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from cli_testing import tiny_train_args
 from click.testing import CliRunner
 
 from at_memorization.cli import main
@@ -21,10 +22,9 @@ def invoke(*args):
 def tracked_run(mnist_dir, tmp_path_factory):
     """256 MNIST images, 2 epochs of PGD-AT (2 steps), per-sample tracking and train accuracies."""
     out = tmp_path_factory.mktemp("analysis") / "pgd-at-run"
-    result = invoke("train", "--dataset", "mnist", "--data-dir", mnist_dir, "--model", "smallcnn", "--epochs", 2,
-                    "--batch-size", 64, "--lr", 0.01, "--train-size", 256, "--test-size", 64,
-                    "--eval-train-size", 64, "--eps", 0.1, "--step-size", 0.05, "--steps", 2, "--eval-steps", 2,
-                    "--track-samples", "--device", "cpu", "--quiet", "--out", out)
+    result = invoke("train", *tiny_train_args(mnist_dir, out, epochs=2, batch_size=64, lr=0.01, train_size=256,
+                                              test_size=64, eval_train_size=64, eps=0.1, step_size=0.05, steps=2,
+                                              eval_steps=2, track_samples=True))
     assert result.exit_code == 0, result.output
     return out
 

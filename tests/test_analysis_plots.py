@@ -86,13 +86,30 @@ def test_plot_groups_overlays_methods(tmp_path):
 
 
 def test_te_weight_is_read_under_both_names_per_record():
-    from at_memorization.analysis.plots import _te_weight_series
+    from at_memorization.analysis.plots import _logged_series
+    from at_memorization.plugins.temporal_ensembling import TemporalEnsembling
 
+    (te_weight,) = TemporalEnsembling.logged  # as the TE plugin declares it
     resumed = records(5, te=True)  # te_weight, as runs logged it before it was named te_weight_now
     for r in resumed[3:]:  # the epochs after a resume with the renamed metric
         r["te_weight_now"] = r.pop("te_weight")
-    assert _te_weight_series(resumed) == ([1, 2, 3, 4, 5], [0.0, 0.0, 30.0, 60.0, 90.0])
-    assert _te_weight_series(records(3)) == ([], [])
+    assert _logged_series(resumed, te_weight) == ([1, 2, 3, 4, 5], [0.0, 0.0, 30.0, 60.0, 90.0])
+    assert _logged_series(records(3), te_weight) == ([], [])
+
+
+def test_a_row_per_declared_value_a_run_logged(captured, tmp_path):
+    """The TE weight (declared to plot) gets a row when a run logged it; the AWP gamma (declared not
+    to) never does."""
+    def awp(rs):
+        return [{**r, "awp_gamma_now": 0.01} for r in rs]
+
+    plot_runs([("a", awp(records()))], tmp_path / "p.png")
+    plot_runs([("a", awp(records())), ("b", records(te=True))], tmp_path / "q.png")
+    assert [ax.get_ylabel() for ax in captured[0].axes[:3]] == ["accuracy", "robust gap", "grad norm (mean/epoch)"]
+    assert len([ax for ax in captured[0].axes if ax.get_ylabel() == "TE weight"]) == 0
+    te_rows = [ax for ax in captured[1].axes if ax.get_ylabel() == "TE weight"]
+    assert len(te_rows) == 2 and [t.get_text() for t in te_rows[0].texts] == ["no TE weight"]
+    assert not any("AWP" in ax.get_ylabel() for figure in captured for ax in figure.axes)
 
 
 @pytest.fixture

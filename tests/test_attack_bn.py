@@ -34,7 +34,7 @@ from timm.models import register_model
 from at_memorization.settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings
 from at_memorization.training import Callbacks, Trainer, TrainingInterrupted, resume_config
 from awp_reference import AdvWeightPerturb
-from cli_testing import assert_one_line_error, invoke
+from cli_testing import assert_one_line_error, invoke, tiny_train_args
 
 
 # --------------------------------------------------------------------------- a tiny BatchNorm network
@@ -357,8 +357,7 @@ def test_cli_option_print_config_and_errors(mnist_dir, tmp_path):
     config_file.write_text('attack_bn = "train"\n')
     assert json.loads(invoke("train", "--config", config_file, "--print-config").output)["config"]["attack_bn"] == "train"
     run = tmp_path / "run"
-    result = invoke("train", "--method", "pgd-at-awp", "--attack-bn", "train", "--dataset", "mnist", "--data-dir",
-                    mnist_dir, "--model", MODEL, "--epochs", 1, "--train-size", 32, "--test-size", 16, "--batch-size",
-                    32, "--steps", 1, "--eval-steps", 1, "--device", "cpu", "--quiet", "--out", run)
+    result = invoke("train", *tiny_train_args(mnist_dir, run, method="pgd-at-awp", attack_bn="train", model=MODEL,
+                                              train_size=32))
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["config"]["attack_bn"] == "train"

@@ -162,6 +162,35 @@ def test_penalized_tpgd_penalty_and_beta(batch):
     assert not torch.equal(plain, pushed)
 
 
+def test_one_pgd_loop_the_variants_override_its_hooks():
+    """PGD, CW, TRADES' attack, MART's and TE's run PenalizedPGD's loop (TEPGD wraps it for restarts)."""
+    from at_memorization.plugins.mart import MARTPGD
+    from at_memorization.plugins.temporal_ensembling import TEPGD
+
+    for variant in (CWLinf, PenalizedTPGD, MARTPGD):
+        assert variant.forward is PenalizedPGD.forward, variant
+    assert "forward" in vars(TEPGD) and "_step" not in vars(TEPGD) and "_random_start" not in vars(TEPGD)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_an_attack_without_steps_returns_its_start_in_the_image_range(norm):
+    """The unclamped starts (TRADES' L2 and MART's references) are clamped after the loop, as there."""
+    from at_memorization.plugins.mart import MARTPGD
+
+    x, y = torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)  # half of any noise lies below 0
+    attacks = [PenalizedPGD(_model(), eps=0.1, steps=0, norm=norm),
+               PenalizedTPGD(_model(), eps=0.1, steps=0, norm=norm)]
+    attacks += [MARTPGD(_model(), eps=0.1, steps=0)] if norm == "Linf" else []
+    for attack in attacks:
+        torch.manual_seed(0)
+        start = attack._random_start(x)
+        torch.manual_seed(0)
+        adv = attack(x, y)
+        assert torch.equal(adv, torch.clamp(start, 0, 1)) and adv.max() > 0, type(attack).__name__
+        clamped_start = not isinstance(attack, MARTPGD) and (norm == "Linf" or type(attack) is PenalizedPGD)
+        assert (start.min() >= 0) == clamped_start, type(attack).__name__
+
+
 def test_pgd_under_bf16_autocast_returns_float32_within_eps(batch):
     x, y = batch
     model = _model()

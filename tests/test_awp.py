@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 import textwrap
 from importlib.metadata import entry_points
@@ -31,7 +30,7 @@ from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingInte
 from subprocess_guard import run_with_hang_guard
 
 from awp_reference import AdvWeightPerturb, TradesAWP
-from cli_testing import invoke
+from cli_testing import invoke, subprocess_env, tiny_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -356,14 +355,13 @@ def test_before_step_restores_exactly_and_decays_the_perturbation():
 
 
 # --------------------------------------------------------------------------- (d) the CLI on MNIST
-CLI = ["--dataset", "mnist", "--model", "smallcnn", "--epochs", "2", "--train-size", "64", "--test-size", "16",
-       "--batch-size", "32", "--steps", "2", "--eval-steps", "1", "--device", "cpu", "--quiet"]
+CLI = {"epochs": 2, "steps": 2}  # the tiny MNIST run's settings changed here
 
 
 @pytest.mark.parametrize("method", ["pgd-at-awp", "trades-awp", "pgd-at-te-awp"])
 def test_cli_trains_each_method_for_two_epochs(method, mnist_dir, tmp_path):
     run = tmp_path / method
-    result = invoke("train", "--method", method, "--data-dir", mnist_dir, "--out", run, *CLI)
+    result = invoke("train", *tiny_train_args(mnist_dir, run, method=method, **CLI))
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
@@ -445,8 +443,8 @@ WORKER = textwrap.dedent("""
 def test_two_process_torchrun_run(mnist_dir, tmp_path):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    args = ["--method", "pgd-at-awp", "--data-dir", str(mnist_dir), *CLI]
+    env = subprocess_env()
+    args = tiny_train_args(mnist_dir, None, method="pgd-at-awp", **CLI)
     # The torchrun command of the README, `-m at_memorization train`. (Run from tmp_path: a stale
     # at_memorization.egg-info in the repository root would shadow the installed entry points.)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

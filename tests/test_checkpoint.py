@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from at_memorization import checkpoint as ckpt
-from at_memorization.checkpoint import CheckpointError, load_checkpoint, save_atomic, write_text_atomic
+from at_memorization.checkpoint import CheckpointError, load_checkpoint, save_atomic
 
 
 class _Custom:
@@ -57,14 +57,6 @@ def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
         save_atomic({"version": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"version": 1}
-    assert _temp_files(tmp_path) == []
-
-
-def test_write_text_atomic(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    write_text_atomic("a\n", path)
-    write_text_atomic("b\n", path)
-    assert path.read_text() == "b\n"
     assert _temp_files(tmp_path) == []
 
 

@@ -14,7 +14,7 @@ from at_memorization.checkpoint import CheckpointError, load_checkpoint
 EPOCHS, TRAIN_SIZE = 1, 64
 
 
-from cli_testing import assert_one_line_error, invoke, one_line
+from cli_testing import assert_one_line_error, invoke, one_line, tiny_train_args
 
 
 def refusal(call, *words) -> str:
@@ -26,10 +26,8 @@ def refusal(call, *words) -> str:
 def trained_run(mnist_dir, tmp_path_factory):
     """A finished one-epoch pgd-at-te run with --track-samples (last.pt, best.pt, tracking.pt)."""
     out = tmp_path_factory.mktemp("ckpt-errors") / "run"
-    result = invoke("train", "--method", "pgd-at-te", "--dataset", "mnist", "--data-dir", mnist_dir,
-                    "--model", "smallcnn", "--epochs", EPOCHS, "--train-size", TRAIN_SIZE, "--test-size", 16,
-                    "--batch-size", 32, "--steps", 1, "--eval-steps", 1, "--track-samples", "--quiet",
-                    "--device", "cpu", "--out", out)
+    result = invoke("train", *tiny_train_args(mnist_dir, out, method="pgd-at-te", epochs=EPOCHS, train_size=TRAIN_SIZE,
+                                              track_samples=True))
     assert result.exit_code == 0, result.output
     return out
 
@@ -205,8 +203,6 @@ def test_te_ensemble_of_the_wrong_size(run, mnist_dir):
     # The same through `at-mem train --resume` on the corrupted run: one line, no traceback.
     corrupt(run / "last.pt", lambda s: s["method"]["state"].update(bigger))
     (run / "last-prev.pt").unlink(missing_ok=True)
-    result = invoke("train", "--method", "pgd-at-te", "--dataset", "mnist", "--data-dir", mnist_dir,
-                    "--model", "smallcnn", "--epochs", EPOCHS, "--train-size", TRAIN_SIZE, "--test-size", 16,
-                    "--batch-size", 32, "--steps", 1, "--eval-steps", 1, "--track-samples", "--quiet",
-                    "--device", "cpu", "--out", run, "--resume")
+    result = invoke("train", *tiny_train_args(mnist_dir, run, "--resume", method="pgd-at-te", epochs=EPOCHS,
+                                              train_size=TRAIN_SIZE, track_samples=True))
     assert_one_line_error(result, "TE state", f"ensemble has shape [{TRAIN_SIZE + 1}, 10]")

@@ -15,13 +15,11 @@ import torch
 from at_memorization import checkpoint as ckpt
 
 
-from cli_testing import assert_one_line_error, invoke
+from cli_testing import assert_one_line_error, invoke, subprocess_env, tiny_train_args
 
 
 def tiny_train(data_dir, out, *extra, dataset="mnist"):
-    return ["train", "--dataset", dataset, "--data-dir", data_dir, "--model", "smallcnn", "--epochs", 1,
-            "--train-size", 64, "--test-size", 16, "--batch-size", 32, "--steps", 1, "--eval-steps", 1,
-            "--quiet", "--out", out, *extra]
+    return ["train", *tiny_train_args(data_dir, out, *extra, dataset=dataset, device=None)]
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -163,7 +161,7 @@ def test_methods_lists_the_four_methods_with_their_modules():
 
 
 def test_real_processes_help_and_error(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     script = shutil.which("at-mem") or os.path.join(os.path.dirname(sys.executable), "at-mem")
     assert os.path.exists(script), "the at-mem console script is not installed"
     result = subprocess.run([script, "--help"], capture_output=True, text=True, env=env, timeout=300)
@@ -179,9 +177,9 @@ def test_real_processes_help_and_error(tmp_path):
 @pytest.mark.slow
 def test_mnist_pgd_at_then_autoattack(mnist_dir, tmp_path):
     out = tmp_path / "run"
-    result = invoke("train", "--method", "pgd-at", "--dataset", "mnist", "--data-dir", mnist_dir, "--model", "smallcnn",
-                    "--epochs", 2, "--train-size", 512, "--test-size", 64, "--batch-size", 64, "--eps", "0.1",
-                    "--step-size", "0.05", "--steps", 2, "--eval-steps", 2, "--lr", 0.05, "--quiet", "--out", out)
+    result = invoke("train", *tiny_train_args(mnist_dir, out, method="pgd-at", epochs=2, train_size=512, test_size=64,
+                                              batch_size=64, eps=0.1, step_size=0.05, steps=2, eval_steps=2, lr=0.05,
+                                              device=None))
     assert result.exit_code == 0, result.output
     assert "epoch 2:" in result.output and "done: best epoch" in result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -205,9 +203,9 @@ def test_mnist_pgd_at_then_autoattack(mnist_dir, tmp_path):
 @pytest.mark.slow
 def test_cifar_jpeg_trades_then_all_attacks_and_model_card(cifar_jpg_dir, tmp_path):
     out = tmp_path / "run"
-    result = invoke("train", "--method", "trades", "--dataset", "imagefolder", "--data-dir", cifar_jpg_dir,
-                    "--model", "smallcnn", "--epochs", 2, "--train-size", 200, "--test-size", 40,
-                    "--batch-size", 50, "--steps", 2, "--eval-steps", 2, "--beta", 6, "--quiet", "--out", out)
+    result = invoke("train", *tiny_train_args(cifar_jpg_dir, out, "--beta", 6, method="trades", dataset="imagefolder",
+                                              epochs=2, train_size=200, test_size=40, batch_size=50, steps=2,
+                                              eval_steps=2, device=None))
     assert result.exit_code == 0, result.output
     last = ckpt.load_checkpoint(out / "last.pt")
     assert last["method"]["name"] == "trades" and last["method"]["config"]["beta"] == 6.0

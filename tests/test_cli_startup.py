@@ -20,7 +20,7 @@ import pytest
 
 from at_memorization import method_catalog
 from at_memorization.cli import LAZY_COMMANDS, main
-from at_memorization.methods.registry import GROUP, all_hyperparameters, discover
+from at_memorization.methods.registry import GROUP, discover
 from at_memorization.settings import RUN_SETTINGS, SETTINGS_BY_NAME
 from cli_testing import assert_one_line_error, invoke
 from subprocess_guard import run_with_hang_guard
@@ -28,6 +28,16 @@ from subprocess_guard import run_with_hang_guard
 HEAVY = ("torch", "timm", "torchattacks", "torchvision", "robustbench", "matplotlib")
 SCRIPT = Path(sys.executable).parent / "at-mem"
 BUILT_IN = ("mart", "pgd-at", "pgd-at-awp", "pgd-at-te", "pgd-at-te-awp", "trades", "trades-awp", "trades-te")
+
+
+def all_hyperparameters() -> dict:
+    """Every installed method's settings by name, with the methods declaring each, from the classes
+    themselves: what the catalog must give without loading a class."""
+    found = {}
+    for entry in discover().values():
+        for h in entry.load().hyperparameters:
+            found.setdefault(h.name, (h, []))[1].append(entry.name)
+    return found
 
 
 def at_mem(cache_home: Path, *args: str, how: str = "-m", **extra_env):
@@ -203,15 +213,56 @@ def test_evaluate_offers_every_data_set():
     assert SETTINGS_BY_NAME["dataset"].choices == tuple(DATASETS)
 
 
-def test_the_package_registers_the_backbones_for_library_users():
-    code = ("import sys, at_memorization, timm; assert timm.is_model('preactresnet18'); "
-            "assert at_memorization.build_model('smallcnn', 10, 1) is not None; print('ok')")
+IMPORT_FIRST = """\
+import sys, warnings
+filters = list(warnings.filters)
+import at_memorization
+assert not {"torch", "timm"} & set(sys.modules), "imported eagerly"
+assert warnings.filters == filters, "a library import must leave the warning filters alone"
+assert any(getattr(f, "_at_mem_hook", None) == "timm-registration" for f in sys.meta_path)
+"""
+TIMM_FIRST = """\
+import sys, timm
+assert not timm.is_model("preactresnet18")
+import at_memorization
+assert "at_memorization.models" in sys.modules  # registered at once: timm was there already
+"""
+CHECK_BACKBONES = """\
+import at_memorization, timm
+assert timm.create_model("preactresnet18", num_classes=10).__class__.__name__ == "PreActResNet"
+assert timm.is_model("smallcnn_cifar10_linf")  # RobustBench's names too
+assert at_memorization.build_model("smallcnn", 10, 1) is not None
+import importlib.resources
+assert timm.__loader__ is timm.__spec__.loader and type(timm.__loader__).__module__ != "at_memorization._compat"
+assert importlib.resources.files("timm").is_dir()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("first", [IMPORT_FIRST, TIMM_FIRST], ids=["at_memorization-then-timm", "timm-then-at_memorization"])
+def test_the_package_registers_the_backbones_when_timm_is_imported(first):
+    done = run_with_hang_guard([sys.executable, "-c", first + CHECK_BACKBONES])
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_importing_the_models_module_first_registers_the_backbones():
+    """at_memorization.models imports timm, whose import hook would import at_memorization.models: it
+    must see that module is being imported already, neither recurse nor run it twice."""
+    code = ("import sys, at_memorization.models as m, timm; assert sys.modules['at_memorization.models'] is m; "
+            "assert all(timm.is_model(name) for name in m.OUR_MODELS); print('ok')")
     done = run_with_hang_guard([sys.executable, "-c", code])
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_lazy_exports_are_the_modules_own():
     import at_memorization
     from at_memorization import models
+    from at_memorization.plugins import temporal_ensembling
 
-    assert at_memorization.__getattr__("build_model") is models.build_model  # the CLI's path to it
+    assert at_memorization.build_model is models.build_model
+    assert at_memorization.TELoss is temporal_ensembling.TELoss
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        at_memorization.nonexistent
 
 
 # --------------------------------------------------------------------------- the cache

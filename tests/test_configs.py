@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_testing import assert_one_line_error, invoke
+from cli_testing import assert_one_line_error, invoke, tiny_train_args
 
 from at_memorization.training import RunConfig, Trainer, learning_rate, resolved_method_settings
 
@@ -104,9 +104,7 @@ def test_cpu_configs_train_one_epoch(path, mnist_dir, tmp_path):
 
 def test_a_run_config_json_is_accepted_as_config(mnist_dir, tmp_path):
     first = tmp_path / "first"
-    args = ["--dataset", "mnist", "--data-dir", mnist_dir, "--model", "smallcnn", "--epochs", 1, "--train-size", 32,
-            "--test-size", 16, "--batch-size", 32, "--steps", 1, "--eval-steps", 1, "--method", "trades",
-            "--beta", 3, "--lr", 0.02, "--device", "cpu", "--quiet"]
+    args = tiny_train_args(mnist_dir, None, "--beta", 3, train_size=32, method="trades", lr=0.02)
     assert invoke("train", *args, "--out", first).exit_code == 0
     again = printed("--config", first / "config.json")
     assert again["config"] == json.loads((first / "config.json").read_text())["config"]

@@ -11,7 +11,7 @@ import pickle
 
 import numpy as np
 import pytest
-from cli_testing import one_line
+from cli_testing import one_line, tiny_train_args
 import torch
 from click.testing import CliRunner
 
@@ -258,10 +258,7 @@ def test_svhn_inconsistent_mat_file(tmp_path, svhn_unchecked, variables, words):
 
 # --------------------------------------------------------------------------- the command line
 def train_args(data_dir, out, dataset="mnist"):
-    return [str(a) for a in (
-        "train", "--dataset", dataset, "--data-dir", data_dir, "--model", "smallcnn", "--epochs", 1,
-        "--train-size", 64, "--test-size", 16, "--batch-size", 32, "--steps", 1, "--eval-steps", 1,
-        "--device", "cpu", "--quiet", "--out", out)]
+    return ["train", *tiny_train_args(data_dir, out, dataset=dataset)]
 
 
 def assert_cli_data_error(data_dir, out, *words, dataset="mnist"):

@@ -8,7 +8,6 @@ check, a full 2-epoch ``pgd-at-te`` run and the same run stopped after epoch 1),
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,20 +17,20 @@ import torch
 import torch.distributed as dist
 
 from at_memorization.data import epoch_batches
+from cli_testing import subprocess_env, tiny_train_args
 from subprocess_guard import run_with_hang_guard
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+ENV = subprocess_env()
 TRAIN_SIZE = 255  # odd: DistributedSampler pads one shard with a repeated index
 EPOCHS = 2
 
 
 def _args(mnist_dir: Path) -> list[str]:
     # preactresnet18_w16 has BatchNorm, whose running statistics must agree across ranks.
-    return ["--method", "pgd-at-te", "--dataset", "mnist", "--data-dir", str(mnist_dir),
-            "--model", "preactresnet18_w16", "--epochs", str(EPOCHS), "--train-size", str(TRAIN_SIZE),
-            "--test-size", "64", "--batch-size", "64", "--steps", "2", "--eval-steps", "2",
-            "--milestones", "2", "--te-start", "1", "--te-end", "2", "--device", "cpu", "--quiet"]
+    return tiny_train_args(mnist_dir, None, "--te-start", 1, "--te-end", 2, method="pgd-at-te",
+                           model="preactresnet18_w16", epochs=EPOCHS, train_size=TRAIN_SIZE, test_size=64,
+                           batch_size=64, steps=2, eval_steps=2, milestones=[2])
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:

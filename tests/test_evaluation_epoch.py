@@ -19,7 +19,7 @@ def former_evaluate_epoch(trainer: Trainer, record: dict) -> None:
     if config.eval_train_size:
         splits.append(("train", trainer.data.train, min(config.eval_train_size, len(trainer.data.train))))
     for prefix, dataset, n in splits:
-        images, labels, _ = dataset.batch(trainer._shard(n))
+        images, labels, _ = dataset.batch(trainer.evaluator.shard(n))
         counts = []
         for attack_or_none in (None, attack):
             flags = correct_flags(trainer.model, images, labels, batch_size=default_batch_size(trainer.ctx.device),
@@ -43,7 +43,7 @@ class ComparedTrainer(Trainer):
         former_evaluate_epoch(self, former)
         super().evaluate_epoch(record)
         self.pairs.append(({k: record[k] for k in former}, former))
-        self.attacks.append(self._evaluation_attack)
+        self.attacks.append(self.evaluator.attack)
 
 
 def test_per_epoch_accuracies_are_those_of_the_former_evaluation(mnist_dir, tmp_path):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from at_memorization.methods import Extension, MethodError, TrainingSetup
+from at_memorization.methods import Extension, LoggedValue, MethodError, TrainingSetup
 from at_memorization.methods.pgd_at import PGDAT
 from at_memorization.plugins.mart.attack import MARTPGD
 from at_memorization.plugins.mart.loss import mart_terms
@@ -148,3 +148,55 @@ def test_an_extension_with_undeclared_state_is_refused_rather_than_lost_on_resum
         TrainingSetup(num_samples=6, num_classes=4, epochs=2))
     with pytest.raises(TypeError, match="does not declare has_state"):
         method.state_dict()
+
+
+def test_an_extensions_logged_values_are_declared_on_every_method_that_lists_it():
+    class Shown(Extension):
+        key = "shown"
+        logged = (LoggedValue("shown_now", "shown"), LoggedValue("te_weight_now", "a second TE weight"))
+
+    method_class = type("S", (MARTTE,), {"name": "s", "extensions": (TemporalEnsembling, Shown)})
+    assert MART.logged == () and MARTTE.logged == TemporalEnsembling.logged
+    # each key once: the first declaration (TE's own) wins
+    assert method_class.logged == TemporalEnsembling.logged + (Shown.logged[0],)
+
+
+# --------------------------------------------------------------------------- the attack's mode (--attack-bn)
+class ModeRecorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.modes = _net(), []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_the_attack_mode_is_set_through_the_method(mode):
+    model = ModeRecorder().train()  # as the trainer's, whose attacks run in eval mode by default
+    method = MART(TrainingSetup(num_samples=6, num_classes=4, epochs=2, eps=0.1, step_size=0.03, steps=2))
+    method.set_attack_mode(model, mode)
+    x, y, index = _batch()
+    method.attack(model, x, y, index, 1)
+    assert model.modes == [mode == "train"] * 2 and model.training  # back in train mode afterwards
+
+
+def test_the_attack_mode_of_a_method_without_a_torchattacks_attack_is_refused():
+    class OwnAttack(PGDAT):
+        name = "own-attack"
+
+        def build_attack(self, model):
+            raise NotImplementedError
+
+        def run_attack(self, model, x, y, penalty=None, clean_logits=None):
+            return x
+
+    method = OwnAttack(TrainingSetup(num_samples=6, num_classes=4, epochs=2))
+    method.set_attack_mode(_net(), "eval")  # nothing to set
+    with pytest.raises(MethodError) as info:
+        method.set_attack_mode(_net(), "train")
+    assert str(info.value) == ("--attack-bn train: method own-attack does not build a torchattacks attack "
+                               "(build_attack), so its attack mode cannot be set; use --attack-bn eval")
+    with pytest.raises(MethodError, match="--attack-bn must be one of eval, train, got 'sideways'"):
+        method.set_attack_mode(_net(), "sideways")

@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_testing import invoke
+from cli_testing import invoke, tiny_train_args
 
 from at_memorization import loggers
 from at_memorization.runfolder import RunFolder
 
 
 def _train(mnist_dir, run, *extra, epochs=2):
-    return invoke("train", "--dataset", "mnist", "--data-dir", mnist_dir, "--model", "smallcnn", "--epochs", epochs,
-                  "--train-size", 64, "--test-size", 16, "--batch-size", 32, "--steps", 1, "--eval-steps", 1,
-                  "--device", "cpu", "--quiet", "--out", run, *extra)
+    return invoke("train", *tiny_train_args(mnist_dir, run, *extra, epochs=epochs))
 
 
 def _scalars(run):
@@ -96,6 +94,8 @@ def test_a_failing_logger_is_a_warning_and_the_run_goes_on(mnist_dir, tmp_path, 
 
 def test_a_missing_logger_package_is_a_warning_with_the_install_hint(mnist_dir, tmp_path, monkeypatch):
     class Missing(_Broken):
+        extra = "wandb"  # what a logger declares: the extra that installs its package
+
         def __init__(self, run_dir, start_epoch):
             raise ModuleNotFoundError("No module named 'wandb'", name="wandb")
 

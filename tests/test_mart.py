@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -24,10 +23,10 @@ from torch.autograd import Variable
 
 from at_memorization.methods import TrainingSetup, discover, get_method
 from at_memorization.methods.base import MethodError
-from cli_testing import assert_one_line_error, invoke
+from cli_testing import assert_one_line_error, invoke, subprocess_env, tiny_train_args
 from subprocess_guard import run_with_hang_guard
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+ENV = subprocess_env()
 
 
 # --------------------------------------------------------------------------- the reference
@@ -221,9 +220,7 @@ def test_registered_through_the_entry_point_with_its_own_setting():
 
 
 def _args(mnist_dir, out, *extra, epochs=2):
-    return ["train", "--method", "mart", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model", "smallcnn",
-            "--epochs", str(epochs), "--train-size", "64", "--test-size", "16", "--batch-size", "32", "--steps", "2",
-            "--eval-steps", "1", "--device", "cpu", "--quiet", "--out", str(out), *extra]
+    return ["train", *tiny_train_args(mnist_dir, out, *extra, method="mart", epochs=epochs, steps=2)]
 
 
 @pytest.mark.parametrize("flags,words", [

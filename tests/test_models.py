@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +13,9 @@ import torch
 import at_memorization  # noqa: F401  (registers the models)
 from at_memorization import checkpoint as ckpt
 from at_memorization._compat import import_robustbench
-from at_memorization.models import OUR_MODELS, UnknownModelError, build_model, count_parameters, model_names
+from at_memorization.model_catalog import COUNTED_FOR, COUNTED_FOR_TEXT, MODELS
+from at_memorization.models import (OUR_MODELS, ROBUSTBENCH_NAMES, UnknownModelError, build_model, count_parameters,
+                                    model_names)
 
 PAPER_MODELS = ("preactresnet18", "resnet18_cifar", "wrn34_10", "wrn28_10", "smallcnn")
 
@@ -122,20 +126,59 @@ def test_robustbench_load_model_reads_our_checkpoint_offline(tmp_path, monkeypat
         assert torch.equal(ours(x), model(x))
 
 
-def test_our_models_registry_is_consistent():
-    for name in OUR_MODELS:
-        assert name in model_names()
+def _registered_by_us() -> set[str]:
+    """Every name in timm's registry whose entry point at_memorization.models defines."""
+    return {name for name in timm.list_models()
+            if timm.models.model_entrypoint(name).__module__ == "at_memorization.models"}
 
 
-def test_the_model_catalog_describes_every_backbone_with_its_parameter_count():
-    """model_catalog.py (what `at-mem models` prints without torch) agrees with the built models."""
-    from at_memorization.model_catalog import COUNTED_FOR, MODELS
+def test_the_registered_backbones_are_the_catalogs_plus_their_robustbench_names():
+    robustbench_names = {name for names in ROBUSTBENCH_NAMES.values() for name in names}
+    assert _registered_by_us() == set(MODELS) | robustbench_names and not set(MODELS) & robustbench_names
+    assert sorted(OUR_MODELS) == model_names() == sorted(MODELS)
+    # RobustBench's f"{name}_{dataset}_{threat}" for every backbone, data set and threat it looks up
+    looked_up = [(dataset, threat) for dataset in ("cifar10", "cifar100") for threat in ("linf", "l2")]
+    assert ROBUSTBENCH_NAMES == {OUR_MODELS[name]: tuple(f"{name}_{dataset}_{threat}" for dataset, threat in looked_up)
+                                 for name in MODELS}
+    for name, entrypoint in OUR_MODELS.items():
+        assert entrypoint.__name__ == name and timm.models.model_entrypoint(name) is entrypoint
 
-    assert sorted(MODELS) == sorted(OUR_MODELS) == model_names()
+
+def test_the_model_catalog_states_each_backbones_real_parameter_count():
+    """model_catalog.py (what `at-mem models` prints without torch) agrees with the built models, at
+    the size it says the counts are for. Built on the meta device: no memory, no initialization cost."""
+    assert COUNTED_FOR_TEXT == (f"{COUNTED_FOR['num_classes']} classes, "
+                                f"{COUNTED_FOR['in_chans']}x{COUNTED_FOR['img_size']}x{COUNTED_FOR['img_size']} inputs")
     for name, info in MODELS.items():
-        model = build_model(name, COUNTED_FOR["num_classes"], COUNTED_FOR["in_chans"], COUNTED_FOR["img_size"])
-        assert info.parameters == sum(p.numel() for p in model.parameters()), name
+        with torch.device("meta"):
+            model = build_model(name, COUNTED_FOR["num_classes"], COUNTED_FOR["in_chans"], COUNTED_FOR["img_size"])
+        assert info.parameters == count_parameters(model), name
         assert info.description and "\n" not in info.description
+
+
+def test_a_robustbench_name_builds_its_backbone():
+    model = timm.create_model("smallcnn_cifar100_l2", num_classes=100, in_chans=3)
+    assert type(model).__name__ == "SmallCNN" and model.classifier[-1].out_features == 100
+    assert count_parameters(model) == count_parameters(timm.create_model("smallcnn", num_classes=100, in_chans=3))
+
+
+def test_importing_the_models_again_registers_them_again_quietly():
+    """Our package imported anew in one process (timm still loaded) registers the new module's entry
+    points, without timm's "Overwriting" warning (which is for two packages claiming one name)."""
+    script = (
+        "import sys, timm, warnings\n"
+        "import at_memorization.models as first\n"
+        "for name in [m for m in sys.modules if m.split('.')[0] == 'at_memorization']:\n"
+        "    del sys.modules[name]\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error')\n"
+        "    import at_memorization.models as second\n"
+        "assert second is not first and timm.models.model_entrypoint('wrn28_10') is second.wrn28_10\n"
+        "assert isinstance(timm.create_model('wrn28_10_cifar10_linf'), second.WideResNet)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_drop_rate_is_passed_to_models_with_dropout():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from cli_testing import invoke
+from cli_testing import invoke, tiny_train_args
 
 from at_memorization.progress import Progress
 
@@ -42,9 +42,7 @@ def test_notes_and_an_unknown_total():
 
 
 def test_training_prints_step_progress_when_not_quiet(mnist_dir, tmp_path):
-    result = invoke("train", "--dataset", "mnist", "--data-dir", mnist_dir, "--model", "smallcnn", "--epochs", 1,
-                    "--train-size", 64, "--test-size", 16, "--batch-size", 32, "--steps", 1, "--eval-steps", 1,
-                    "--device", "cpu", "--out", tmp_path / "run")
+    result = invoke("train", *tiny_train_args(mnist_dir, tmp_path / "run", quiet=False))
     assert result.exit_code == 0, result.output
     assert "epoch 1: 2/2 steps (100%)" in result.output and "steps/s" in result.output
 
@@ -52,9 +50,7 @@ def test_training_prints_step_progress_when_not_quiet(mnist_dir, tmp_path):
 def test_evaluation_and_autoattack_show_progress(mnist_dir, tmp_path):
     # Before: AutoAttack printed nothing after "clean on 32 points" for 22 minutes.
     run = tmp_path / "run"
-    trained = invoke("train", "--dataset", "mnist", "--data-dir", mnist_dir, "--model", "smallcnn", "--epochs", 1,
-                     "--train-size", 64, "--test-size", 16, "--batch-size", 32, "--steps", 1, "--eval-steps", 1,
-                     "--device", "cpu", "--quiet", "--out", run)
+    trained = invoke("train", *tiny_train_args(mnist_dir, run))
     assert trained.exit_code == 0, trained.output
     result = invoke("evaluate", run / "last.pt", "--attack", "pgd20", "--attack", "autoattack", "--n-examples", 8,
                     "--device", "cpu")

@@ -15,7 +15,7 @@ import statistics
 
 import pytest
 
-from cli_testing import assert_one_line_error as shared_one_line_error, invoke
+from cli_testing import assert_one_line_error as shared_one_line_error, invoke, tiny_train_args
 
 METHODS = ("pgd-at", "pgd-at-te")
 SEEDS = (0, 1)
@@ -71,10 +71,8 @@ def runs(mnist_dir, tmp_path_factory):
     for method in METHODS:
         for seed in SEEDS:
             run = root / f"{method}-s{seed}"
-            ok("train", "--method", method, "--dataset", "mnist", "--data-dir", mnist_dir, "--model", "smallcnn",
-               "--train-size", 64, "--test-size", 32, "--epochs", 3, "--steps", 1, "--eval-steps", 1,
-               "--eval-train-size", 16, "--batch-size", 32, "--device", "cpu", "--seed", seed, "--quiet",
-               "--out", run)
+            ok("train", *tiny_train_args(mnist_dir, run, method=method, test_size=32, epochs=3, eval_train_size=16,
+                                         seed=seed))
             result = ok("evaluate", run, "--attack", "clean", "--attack", "pgd20", "--n-examples", 32,
                         "--device", "cpu")
             assert f"wrote {run / 'eval' / 'best.json'}" in result.stdout
@@ -142,27 +140,6 @@ def test_second_evaluate_merges_into_the_existing_files(runs, tmp_path):
     last = read_json(run / "eval" / "last.json")
     assert set(last["n_examples_by_attack"]) == {"pgd20"} and last["eps"] == pytest.approx(0.1)
     assert not list((run / "eval").glob(".*.tmp"))  # atomic writes leave no temporary files
-
-
-def test_merge_keeps_a_requested_clean_accuracy_over_autoattacks_by_product():
-    """RobustBench's benchmark returns a clean accuracy too: it must not replace one measured on more points."""
-    from at_memorization.report import eval_record, merge_eval_records
-
-    info = {"epoch": 3, "dataset": "cifar10", "model": "preactresnet18", "method": "pgd-at"}
-    first = eval_record("r/last.pt", info, {"clean_acc": 0.8, "pgd20_acc": 0.5}, n_examples=1000, eps=8 / 255,
-                        norm="Linf", seed=0, device="cpu")
-    second = eval_record("r/last.pt", info, {"clean_acc": 0.7, "autoattack_acc": 0.4,
-                                             "autoattack_protocol": "robustbench.eval.benchmark"},
-                         n_examples=500, eps=8 / 255, norm="Linf", seed=0, device="cpu")
-    merged, replaced = merge_eval_records(first, second, requested=("autoattack",))
-    assert replaced is None
-    assert (merged["clean_acc"], merged["pgd20_acc"], merged["autoattack_acc"]) == (0.8, 0.5, 0.4)
-    assert merged["autoattack_protocol"] == "robustbench.eval.benchmark"
-    assert merged["n_examples_by_attack"] == {"clean": 1000, "pgd20": 1000, "autoattack": 500}
-    merged, _ = merge_eval_records(first, second, requested=("clean", "autoattack"))
-    assert merged["clean_acc"] == 0.7 and merged["n_examples_by_attack"]["clean"] == 500
-    merged, replaced = merge_eval_records(first, dict(second, eps=0.5), requested=("autoattack",))
-    assert "eps" in replaced and "pgd20_acc" not in merged
 
 
 def test_evaluate_run_folder_bad_inputs(runs, tmp_path):

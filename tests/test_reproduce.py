@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_testing import assert_one_line_error, invoke
+from cli_testing import assert_one_line_error, invoke, subprocess_env
 from subprocess_guard import communicate_with_hang_guard, run_with_hang_guard
 
 from at_memorization.plan import PlanError, read_plan
@@ -80,10 +80,6 @@ SILENCE_S = 300  # the hang guard: seconds without output from reproduce (a run 
 
 
 # --------------------------------------------------------------------------- helpers
-def _env(**extra):
-    return dict(os.environ, PYTHONWARNINGS="ignore", **extra)
-
-
 def _command(plan: Path, out: Path, *args) -> list[str]:
     return [sys.executable, "-m", "at_memorization", "reproduce", str(plan), "--out", str(out), *map(str, args)]
 
@@ -91,12 +87,12 @@ def _command(plan: Path, out: Path, *args) -> list[str]:
 def _reproduce(plan: Path, out: Path, *args, python_args=(), **env) -> subprocess.CompletedProcess:
     command = _command(plan, out, *args)
     command[1:1] = list(python_args)
-    return run_with_hang_guard(command, env=_env(**env), cwd=out.parent, silence_s=SILENCE_S)
+    return run_with_hang_guard(command, env=subprocess_env(**env), cwd=out.parent, silence_s=SILENCE_S)
 
 
 def _start(plan: Path, out: Path, *args) -> subprocess.Popen:
     return subprocess.Popen(_command(plan, out, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd=out.parent, stdin=subprocess.DEVNULL, start_new_session=True)
+                            env=subprocess_env(), cwd=out.parent, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _write_plan(folder: Path, data_dir: Path, text: str = PLAN, name: str = "plan.toml") -> Path:
@@ -443,7 +439,7 @@ def test_a_call_killed_outright_keeps_the_time_its_running_tasks_took(plan_text,
     # process ends with a session) lost that attempt's time: a 40-epoch run read "2.6 min" of training.
     plan, out = tmp_path / "plan.toml", tmp_path / "study"
     plan.write_text(plan_text)
-    proc = subprocess.Popen([sys.executable, "-P", "-c", KILLED_SCRIPT, str(plan), str(out)], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-P", "-c", KILLED_SCRIPT, str(plan), str(out)], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(lambda: (out / "status.json").is_file() and _status(out)["tasks"].get(
@@ -741,6 +737,23 @@ def test_an_edited_plan_under_a_finished_study_is_refused_naming_the_run_and_set
         (out / "plan.toml").write_text(saved)
 
 
+def test_a_run_folder_saved_with_another_setting_is_refused_with_both_values(plan_text, tmp_path):
+    """The fast twin of the test above: the refusal is worded from the resume rule's own record of the
+    difference (``SavedSettingDiffers``), not parsed from its message."""
+    plan, out = tmp_path / "plan.toml", tmp_path / "study"
+    plan.write_text(plan_text)
+    out.mkdir()
+    (out / "plan.toml").write_text(plan_text)
+    run = read_plan(plan).runs[0]
+    saved = out / "runs" / run.name
+    saved.mkdir(parents=True)
+    (saved / "config.json").write_text(json.dumps({"config": dict(run.given, eps=0.2),
+                                                   "method": dict(run.given_method)}))
+    result = invoke("reproduce", plan, "--out", out, "--dry-run")
+    assert_one_line_error(result, f"runs/{run.name} was trained with other settings than the plan's: 'eps' (saved "
+                          "0.2, given 0.1); restore the plan, or move the run folder away", exit_code=1)
+
+
 def test_prepare_writes_every_runs_settings_with_an_absolute_data_dir(plan_text, tmp_path, mnist_dir):
     plan = tmp_path / "plan.toml"
     plan.write_text(plan_text)
@@ -827,7 +840,7 @@ def test_the_python_snippet_of_docs_reproduce_md_runs_verbatim(mnist_dir, tmp_pa
     out = tmp_path / "smoke"
     script = tmp_path / "snippet.py"
     script.write_text(snippet.replace('"/tmp/smoke"', repr(str(out))))
-    done = run_with_hang_guard([sys.executable, "-P", str(script)], env=_env(), cwd=ROOT, silence_s=SILENCE_S)
+    done = run_with_hang_guard([sys.executable, "-P", str(script)], env=subprocess_env(), cwd=ROOT, silence_s=SILENCE_S)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FAILED" not in done.stderr, done.stderr
     status = _status(out)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_testing import assert_one_line_error, invoke
+from cli_testing import assert_one_line_error, invoke, subprocess_env, tiny_train_args
 from subprocess_guard import communicate_with_hang_guard, run_with_hang_guard, wait_while_busy
 
 from at_memorization import checkpoint as ckpt
@@ -28,19 +28,12 @@ from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingInte
 
 
 def _args(mnist_dir, out, *extra, epochs=2, train_size=128):
-    return ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model", "smallcnn", "--epochs", str(epochs),
-            "--train-size", str(train_size), "--test-size", "32", "--batch-size", "32", "--eps", "0.1",
-            "--step-size", "0.05", "--steps", "2", "--eval-steps", "1", "--lr", "0.05", "--milestones", "1",
-            "--seed", "3", "--quiet",
-            "--device", "cpu", "--out", str(out), *map(str, extra)]
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return ["train", *tiny_train_args(mnist_dir, out, *extra, epochs=epochs, train_size=train_size, test_size=32,
+                                      eps=0.1, step_size=0.05, steps=2, lr=0.05, milestones=[1], seed=3)]
 
 
 def _cli(*args, silence_s=300):
-    return run_with_hang_guard([sys.executable, "-m", "at_memorization", *map(str, args)], env=_env(),
+    return run_with_hang_guard([sys.executable, "-m", "at_memorization", *map(str, args)], env=subprocess_env(),
                                silence_s=silence_s, cwd=Path(__file__).parent)
 
 
@@ -99,7 +92,7 @@ def test_second_process_on_a_busy_run_folder_stops_at_once_naming_the_holder(mni
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "at_memorization",
                               *_args(mnist_dir, run, epochs=200, train_size=512)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
                              cwd=Path(__file__).parent)
     try:
         # No wall-clock deadline: the wait ends when the lock appears, the first process exits, or it
@@ -224,19 +217,19 @@ SIGNAL_DRIVER = textwrap.dedent('''
         return original_epoch(self, epoch)
     training.Trainer.train_epoch = train_epoch
 
-    original_prepare = training.Trainer._prepare
+    original_prepare = training.Trainer.prepare_batch
     def prepare(self, *args):
         now["step"] += 1
         if name != "none" and [now["epoch"], now["step"]] == where:
             os.kill(os.getpid(), getattr(signal, name))  # arrives during this step
         return original_prepare(self, *args)
-    training.Trainer._prepare = prepare
+    training.Trainer.prepare_batch = prepare
     main(sys.argv[1:], prog_name="at-mem")
 ''')
 
 
 def _driven(driver, args, signal_at=None):
-    env = _env()
+    env = subprocess_env()
     if signal_at:
         env["AT_MEM_TEST_SIGNAL"] = signal_at
     return run_with_hang_guard([sys.executable, str(driver), *args], env=env)
@@ -408,7 +401,7 @@ def test_a_write_failure_names_the_real_cause_and_how_to_resume(mnist_dir, tmp_p
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2 + (run / "init.pt").stat().st_size // 2,) * 2)
 
     result = run_with_hang_guard([sys.executable, "-m", "at_memorization", *_args(mnist_dir, shutil_run)],
-                                 env=_env(), preexec_fn=limit, cwd=Path(__file__).parent)
+                                 env=subprocess_env(), preexec_fn=limit, cwd=Path(__file__).parent)
     message = assert_one_line_error(result, "cannot write", "File too large [Errno 27]", "once fixed")
     assert "PytorchStreamWriter" not in result.stderr
     assert "no checkpoint was written yet" in message

@@ -10,6 +10,7 @@ race, is tests/test_runlock_race.py; item 12, the busy-machine timeouts, tests/s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -17,11 +18,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 import torch
-from cli_testing import assert_one_line_error, invoke
+from cli_testing import assert_one_line_error, invoke, subprocess_env, tiny_train_args
 
 from at_memorization import checkpoint as ckpt
 from at_memorization.runfolder import RunFolder
@@ -29,19 +31,13 @@ from at_memorization.settings import RUN_SETTINGS, SETTINGS_BY_NAME, RunConfig, 
 
 
 def _args(mnist_dir, out, *extra, epochs=2):
-    return ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model", "smallcnn", "--epochs", str(epochs),
-            "--train-size", "96", "--test-size", "32", "--batch-size", "32", "--eps", "0.1", "--step-size", "0.05",
-            "--steps", "1", "--eval-steps", "1", "--lr", "0.05", "--seed", "3", "--quiet", "--device", "cpu",
-            "--out", str(out), *map(str, extra)]
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return ["train", *tiny_train_args(mnist_dir, out, *extra, epochs=epochs, train_size=96, test_size=32, eps=0.1,
+                                      step_size=0.05, lr=0.05, seed=3)]
 
 
 def _cli(*args, preexec_fn=None):
     return subprocess.run([sys.executable, "-m", "at_memorization", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), preexec_fn=preexec_fn, cwd=Path(__file__).parent)
+                          env=subprocess_env(), preexec_fn=preexec_fn, cwd=Path(__file__).parent)
 
 
 def _finite(path: Path) -> bool:
@@ -128,8 +124,7 @@ def test_divergence_in_the_first_epoch_leaves_no_checkpoint_and_its_advice_works
     # Before: "no checkpoint was written" although a NaN last.pt existed, and the advice (--lr, the
     # same --out) failed with "already holds a run".
     run = tmp_path / "run"
-    diverged = invoke(*_args(mnist_dir, run, "--checkpoint-every-steps", 1, epochs=1)[:-2], "--lr", "1e12",
-                      "--out", run)
+    diverged = invoke(*_args(mnist_dir, run, "--checkpoint-every-steps", 1, "--lr", "1e12", epochs=1))
     message = assert_one_line_error(diverged, "diverged")
     if "no checkpoint was written yet" in message:
         assert not (run / "last.pt").exists()
@@ -174,7 +169,7 @@ def test_values_are_read_by_their_declaration():
 def test_refused_overrides_are_one_line_and_load_no_data(override, words, finished_run, monkeypatch):
     # Before: label_noise=1 and method=trades were tracebacks; dataset=cifar10 loaded (and tried to
     # download) CIFAR-10 before refusing.
-    import at_memorization.training as training
+    import at_memorization.training.build as training  # the module whose load_data the trainer calls
 
     def no_data(*args, **kwargs):
         raise AssertionError("data were loaded before the override was refused")
@@ -295,7 +290,7 @@ def _driven(tmp_path, what, args):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     return subprocess.run([sys.executable, str(driver), *map(str, args)], capture_output=True, text=True,
-                          env=dict(_env(), AT_MEM_TEST=what), cwd=Path(__file__).parent)
+                          env=subprocess_env(AT_MEM_TEST=what), cwd=Path(__file__).parent)
 
 
 def test_sigterm_during_the_last_evaluation_exits_143_and_says_the_run_is_complete(mnist_dir, tmp_path):
@@ -383,6 +378,32 @@ def test_every_declared_setting_is_an_option_a_file_key_and_validated():
     assert set(SETTINGS_BY_NAME["dataset"].choices) == set(DATASETS)
 
 
+def test_run_config_fields_are_typed_as_their_settings():
+    """What a type checker reads of RunConfig (``config.eps`` is a float): each field's type is its
+    setting's (``| None`` where the default is None), and its metadata is the Setting RUN_SETTINGS holds."""
+    hints = typing.get_type_hints(RunConfig)
+    assert hints["eps"] is float and hints["milestones"] == list[int] | None
+    run_fields = dataclasses.fields(RunConfig)
+    assert [f.name for f in run_fields] == [s.name for s in RUN_SETTINGS] + ["method_args"]
+    for run_field, declared in zip(run_fields, RUN_SETTINGS):
+        value_type = list[int] if declared.type is list else declared.type
+        assert hints[declared.name] == (value_type | None if declared.default is None else value_type), declared.name
+        assert run_field.metadata["setting"] is declared
+    assert hints["method_args"] == dict[str, typing.Any]
+
+
+def test_a_declared_list_default_is_a_fresh_list_per_config():
+    from at_memorization.settings import setting
+
+    @dataclasses.dataclass
+    class Config:
+        milestones: list[int] = setting(list, [100, 150], "Epochs.")
+
+    first, second = Config(), Config()
+    first.milestones.append(175)
+    assert second.milestones == [100, 150] == dataclasses.fields(Config)[0].metadata["setting"].default
+
+
 # --------------------------------------------------------------------------- review mends
 def test_an_override_of_momentum_and_weight_decay_reaches_the_optimizer(finished_run, tmp_path):
     # Before: the optimizer's saved param groups won over the override (recorded, never applied).
@@ -399,10 +420,14 @@ def test_an_override_of_momentum_and_weight_decay_reaches_the_optimizer(finished
 
 
 def test_out_and_device_in_a_config_file_yield_to_the_command_line(mnist_dir, tmp_path):
+    # The file's device does not exist on any machine: had it won, the run would have failed.
     path = tmp_path / "run.toml"
-    path.write_text(f'dataset = "mnist"\ndata_dir = "{mnist_dir}"\nout = "{tmp_path / "from-file"}"\ndevice = "cpu"\n')
-    result = invoke("train", "--config", path, "--out", tmp_path / "given", "--device", "cpu", "--print-config")
+    path.write_text(f'out = "{tmp_path / "from-file"}"\ndevice = "cuda:99"\n')
+    result = invoke("train", "--config", path, *tiny_train_args(mnist_dir, tmp_path / "given", device="cpu"))
     assert result.exit_code == 0, result.output
+    assert not (tmp_path / "from-file").exists()
+    assert json.loads((tmp_path / "given" / "config.json").read_text())["device"] == "cpu"
+    assert (tmp_path / "given" / "last.pt").is_file()
 
 
 @pytest.mark.parametrize("args", [["--eps", "1e400"], ["--lr", "1" + "0" * 400]])
@@ -424,4 +449,5 @@ def test_evaluating_a_run_folder_whose_results_cannot_be_written_fails_before_an
     # for root too.
     run = _copy(finished_run, tmp_path)
     (run / "eval").write_text("not a folder")
-    assert_one_line_error(invoke("evaluate", run, "--attack", "clean", "--n-examples", 4), "cannot write the results")
+    assert_one_line_error(invoke("evaluate", run, "--attack", "clean", "--n-examples", 4), "the results folder",
+                          "is a file, not a folder")

@@ -15,10 +15,11 @@ from click.testing import CliRunner
 
 from at_memorization.cli import main
 from at_memorization.methods import discover
+from cli_testing import subprocess_env, tiny_train_args
 from subprocess_guard import run_with_hang_guard
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+ENV = subprocess_env(OMP_NUM_THREADS=2)
 
 
 def test_te_methods_come_from_the_plugin_entry_points():
@@ -53,14 +54,11 @@ def _metrics(run: Path):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-COMMON = ["--dataset", "imagefolder", "--model", "smallcnn", "--train-size", "200", "--test-size", "40",
-          "--batch-size", "50", "--steps", "2", "--eval-steps", "2", "--device", "cpu"]
-
-
 @pytest.mark.parametrize("method", ["pgd-at-te", "trades-te"])
 def test_te_methods_train_on_real_data_with_a_ramping_weight(method, cifar_jpg_dir, tmp_path):
     run = tmp_path / method
-    result = _train(["--method", method, "--data-dir", str(cifar_jpg_dir), "--epochs", "4", "--out", str(run), *COMMON])
+    result = _train(tiny_train_args(cifar_jpg_dir, run, method=method, dataset="imagefolder", epochs=4, train_size=200,
+                                    test_size=40, batch_size=50, steps=2, eval_steps=2))
     assert "starts at epoch 2 (45%)" in result.output  # 4 epochs: round(1.8) = 2, round(3) = 3
     records = _metrics(run)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
@@ -129,22 +127,18 @@ def test_custom_method_plugin_is_discovered_and_trains(mnist_dir, tmp_path):
     line = next(l for l in listed.stdout.splitlines() if l.startswith("fast-at"))
     assert "at-mem-fast-at" in line and "fast_at_plugin" in line
     run = tmp_path / "fast"
-    trained = run_with_hang_guard([sys.executable, "-m", "at_memorization", "train", "--method", "fast-at",
-                                   "--fgsm-step", "0.1", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model",
-                                   "smallcnn", "--epochs", "1", "--train-size", "128", "--test-size", "32", "--eps",
-                                   "0.1", "--eval-steps", "2", "--device", "cpu", "--quiet", "--out", str(run)],
-                                  env=env)
+    trained = run_with_hang_guard([sys.executable, "-m", "at_memorization", "train", *tiny_train_args(
+        mnist_dir, run, "--fgsm-step", 0.1, method="fast-at", train_size=128, test_size=32, eps=0.1, eval_steps=2)],
+        env=env)
     assert trained.returncode == 0, trained.stderr
     assert _metrics(run)[0]["epoch"] == 1
     assert json.loads((run / "config.json").read_text())["method"]["fgsm_step"] == 0.1
     # Its TE variant is four lines (extensions = (TemporalEnsembling,)) and trains with the TE penalty on.
     assert any(l.startswith("fast-at-te") for l in listed.stdout.splitlines())
     run_te = tmp_path / "fast-te"
-    trained = run_with_hang_guard([sys.executable, "-m", "at_memorization", "train", "--method", "fast-at-te",
-                                   "--te-start", "1", "--te-end", "2", "--dataset", "mnist", "--data-dir",
-                                   str(mnist_dir), "--model", "smallcnn", "--epochs", "2", "--train-size", "128",
-                                   "--test-size", "32", "--eps", "0.1", "--eval-steps", "2", "--device", "cpu",
-                                   "--quiet", "--out", str(run_te)], env=env)
+    trained = run_with_hang_guard([sys.executable, "-m", "at_memorization", "train", *tiny_train_args(
+        mnist_dir, run_te, "--te-start", 1, "--te-end", 2, method="fast-at-te", epochs=2, train_size=128, test_size=32,
+        eps=0.1, eval_steps=2)], env=env)
     assert trained.returncode == 0, trained.stderr
     records = _metrics(run_te)
     assert [r["te_weight_now"] for r in records] == [pytest.approx(300 * math.exp(-5.0)), 300.0]

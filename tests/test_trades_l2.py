@@ -19,7 +19,7 @@ from at_memorization.attacks import PenalizedTPGD
 from at_memorization.methods import TrainingSetup, get_method
 from at_memorization.methods.base import MethodError
 
-from cli_testing import invoke
+from cli_testing import invoke, tiny_train_args
 
 EPS, STEP, STEPS, BETA = 0.5, 0.2, 5, 6.0
 
@@ -185,10 +185,8 @@ def test_norms_are_checked():
 @pytest.mark.parametrize("method", ["trades", "trades-te"])
 def test_one_epoch_l2_training_through_the_cli(method, mnist_dir, tmp_path):
     out = tmp_path / "run"
-    result = invoke("train", "--method", method, "--norm", "L2", "--eps", "0.5", "--step-size", "0.1",
-                    "--dataset", "mnist", "--data-dir", mnist_dir, "--model", "smallcnn", "--epochs", 1,
-                    "--train-size", 64, "--test-size", 16, "--batch-size", 32, "--steps", 2, "--eval-steps", 1,
-                    "--device", "cpu", "--quiet", "--out", out)
+    result = invoke("train", *tiny_train_args(mnist_dir, out, method=method, norm="L2", eps=0.5, step_size=0.1,
+                                              steps=2))
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1]

@@ -15,6 +15,7 @@ import torch
 from at_memorization import checkpoint as ckpt
 from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingError, learning_rate
 from at_memorization.settings import SettingError
+from cli_testing import subprocess_env, tiny_train_args
 from subprocess_guard import communicate_with_hang_guard, run_with_hang_guard
 
 REQUIRED_KEYS = {"epoch", "lr", "train_loss", "train_seconds", "test_clean_acc", "test_robust_acc"}
@@ -272,13 +273,13 @@ DRIVER = textwrap.dedent('''
         return original_epoch(self, epoch)
     training.Trainer.train_epoch = train_epoch
 
-    original_prepare = training.Trainer._prepare
+    original_prepare = training.Trainer.prepare_batch
     def prepare(self, *args):
         now["step"] += 1
         if kind == "step" and [now["epoch"], now["step"]] == where:
             die()
         return original_prepare(self, *args)
-    training.Trainer._prepare = prepare
+    training.Trainer.prepare_batch = prepare
 
     original_replace = os.replace
     def replace(src, dst):
@@ -297,18 +298,9 @@ DRIVER = textwrap.dedent('''
 
 
 def _train_args(mnist_dir, out):
-    return ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model", "smallcnn", "--epochs", "3",
-            "--train-size", "128", "--test-size", "32", "--batch-size", "32", "--eps", "0.1", "--step-size",
-            "0.05", "--steps", "2", "--eval-steps", "2", "--lr", "0.05", "--label-noise", "0.1",
-            "--track-samples", "--seed", "3", "--quiet", "--out", str(out)]
-
-
-def _env(kill=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("AT_MEM_TEST_KILL", None)
-    if kill:
-        env["AT_MEM_TEST_KILL"] = kill
-    return env
+    return ["train", *tiny_train_args(mnist_dir, out, epochs=3, train_size=128, test_size=32, eps=0.1, step_size=0.05,
+                                      steps=2, eval_steps=2, lr=0.05, label_noise=0.1, track_samples=True, seed=3,
+                                      device=None)]
 
 
 @pytest.mark.slow
@@ -317,7 +309,8 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(mnist_dir, tmp_path)
     driver.write_text(DRIVER)
     full, cut = tmp_path / "full", tmp_path / "cut"
     # The uninterrupted run goes on in the background while the interrupted one is killed and resumed.
-    reference = subprocess.Popen([sys.executable, str(driver), *_train_args(mnist_dir, full)], env=_env(),
+    reference = subprocess.Popen([sys.executable, str(driver), *_train_args(mnist_dir, full)],
+                                 env=subprocess_env(AT_MEM_TEST_KILL=None),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     kills = [
         ("step:2:2", [1]),            # in the middle of epoch 2's training pass
@@ -326,11 +319,12 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(mnist_dir, tmp_path)
     ]
     for i, (kill, epochs_logged) in enumerate(kills):
         args = _train_args(mnist_dir, cut) + (["--resume"] if i else [])
-        result = run_with_hang_guard([sys.executable, str(driver), *args], env=_env(kill))
+        result = run_with_hang_guard([sys.executable, str(driver), *args], env=subprocess_env(AT_MEM_TEST_KILL=kill))
         assert result.returncode == -9, (kill, result.stdout, result.stderr)
         assert [r["epoch"] for r in _metrics(cut)][:len(epochs_logged)] == epochs_logged
     assert list(cut.glob(".last.pt.*.tmp")), "the killed write should have left its temporary file"
-    result = run_with_hang_guard([sys.executable, str(driver), *_train_args(mnist_dir, cut), "--resume"], env=_env())
+    result = run_with_hang_guard([sys.executable, str(driver), *_train_args(mnist_dir, cut), "--resume"],
+                                 env=subprocess_env(AT_MEM_TEST_KILL=None))
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stderr
     output, _ = communicate_with_hang_guard(reference)
@@ -358,7 +352,7 @@ def test_bare_cuda_device_is_given_an_index(monkeypatch):
     torch's own index rule standing in for set_device."""
     from torch.cuda._utils import _get_device_index
 
-    from at_memorization.training import DistributedContext
+    from at_memorization.runtime import DistributedContext
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ..checkpoint import write_text_atomic
+from ..atomic import write_text_atomic
 from ..user_errors import one_line_errors
 
 
@@ -37,20 +37,20 @@ def _positive(name, value):
         raise click.ClickException(f"{name} must be positive, got {value}")
 
 
-def _write_json(path, obj) -> None:
+def _write_json(path, obj, plot_path=None, plot=None) -> None:
+    """The results as JSON at ``path``; with ``plot_path``, also ``plot(plot_path)``'s PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
     click.echo(f"wrote {path}")
+    if plot_path:
+        click.echo(f"wrote {plot(plot_path)}")
 
 
 def _device(device):
-    from ..runtime import TrainingError, resolve_device
+    from ..runtime import resolve_device
 
-    try:
-        return str(resolve_device(device))
-    except TrainingError as error:
-        raise click.ClickException(str(error))
+    return str(resolve_device(device))
 
 
 def _fmt(value):
@@ -91,9 +91,7 @@ def gradient_stability_command(checkpoint, output, plot_path, data_dir, n_batche
         relative = " ".join(f"{m:.3g}" for m in values["relative_change_mean"])
         click.echo(f"{name:7s} loss {values['loss']:.4f} |grad| {values['grad_norm']:.4g}  ratio by |delta| {ratios}"
                    f"  (relative change {relative})")
-    _write_json(output, result)
-    if plot_path:
-        click.echo(f"wrote {plot_gradient_stability([result], plot_path)}")
+    _write_json(output, result, plot_path, lambda path: plot_gradient_stability([result], path))
 
 
 # --------------------------------------------------------------------------- measures
@@ -183,9 +181,7 @@ def memorization_command(run_dirs, output, late_after, max_listed, plot_path):
     out = {"reports": reports}
     if len(reports) > 1:
         out["comparison"] = compare_runs(reports)
-    _write_json(output, out)
-    if plot_path:
-        click.echo(f"wrote {plot_memorization(reports, plot_path)}")
+    _write_json(output, out, plot_path, lambda path: plot_memorization(reports, path))
 
 
 # --------------------------------------------------------------------------- plot
@@ -203,12 +199,9 @@ def plot_command(run_dirs, output, by_method):
     if not output.lower().endswith(".png"):
         raise click.ClickException(f"--output must be a .png file, got {output}")
     if by_method:
-        from ..report import ReportError, group_runs, read_runs
+        from ..report import group_runs, read_runs
 
-        try:
-            groups = group_runs(read_runs(run_dirs))
-        except ReportError as error:
-            raise click.ClickException(str(error)) from None
+        groups = group_runs(read_runs(run_dirs))
         click.echo(f"wrote {plot_groups([(g.label, [r.records for r in g.runs]) for g in groups], output)}")
         return
     runs = [(Path(d).name, read_metrics(d)) for d in run_dirs]

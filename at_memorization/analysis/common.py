@@ -37,9 +37,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (its ``last.pt``)."""
     path = Path(path)
     if path.is_dir():
-        last = path / "last.pt"
+        last = RunFolder(path).last
         if not last.is_file():
-            raise AnalysisError(f"{path} is a directory without last.pt: give a checkpoint file or a run directory")
+            raise AnalysisError(f"{path} is a directory without {last.name}: give a checkpoint file or a run directory")
         return last
     if not path.exists():
         raise AnalysisError(f"{path}: no such checkpoint file or run directory")

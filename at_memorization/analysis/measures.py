@@ -37,6 +37,7 @@ from .common import (AnalysisError, finite_or_none, load_for_analysis, margins, 
                      training_split)
 from ..evaluation import correct_flags
 from ..attacks import selection_pgd
+from ..runfolder import RunFolder
 
 # Higher value = more complex = the measure predicts a larger generalization gap.
 MEASURES = ("log_prod_frobenius", "sum_frobenius", "log_prod_spectral", "distance_from_init", "path_norm",
@@ -211,7 +212,7 @@ def measure_checkpoint(path, *, n_points: int = 512, gap_points: int = 512, marg
 
     norms = norm_measures(model)
     values = {k: norms[k] for k in ("log_prod_frobenius", "sum_frobenius", "log_prod_spectral")}
-    init_file = loaded.run_dir / "init.pt"
+    init_file = RunFolder(loaded.run_dir).init
     if init_file.is_file():
         values["distance_from_init"] = distance_from_init(model, torch.load(init_file, map_location="cpu",
                                                                             weights_only=True))

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, load_labels
-from ..report import best_record
+from ..records import best_record
+from ..runfolder import RunFolder
 from .common import AnalysisError, read_metrics
 
 
@@ -35,7 +36,7 @@ def load_tracking(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AnalysisError(f"{run_dir}: no such run directory")
-    path = run_dir / "tracking.pt"
+    path = RunFolder(run_dir).tracking
     if not path.is_file():
         raise AnalysisError(f"{path} not found: train the run with --track-samples to record per-sample "
                             f"adversarial correctness")
@@ -75,18 +76,20 @@ def _group_stats(fit: torch.Tensor, mask: torch.Tensor, late: torch.Tensor, fina
 def memorization_report(run_dir: str | Path, *, late_after: int | None = None, max_listed: int = 200) -> dict:
     """The memorization report of one tracked run (see the module docstring for the definitions)."""
     run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     records = read_metrics(run_dir)
     tracked = load_tracking(run_dir)
     epochs = len(records)
     if tracked["adv_correct"].shape[0] < epochs:
-        raise AnalysisError(f"{run_dir / 'tracking.pt'} has {tracked['adv_correct'].shape[0]} epochs but "
-                            f"metrics.jsonl has {epochs}")
+        raise AnalysisError(f"{folder.tracking} has {tracked['adv_correct'].shape[0]} epochs but "
+                            f"{folder.metrics.name} has {epochs}")
     recorded = tracked.get("recorded")
     if recorded is not None and not bool(recorded[:epochs].all()):
         missing = [e + 1 for e in range(epochs) if not recorded[e]]
-        raise AnalysisError(f"{run_dir / 'tracking.pt'} has no per-sample records for epoch(s) "
-                            f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''} (tracking.pt was "
-                            f"lost before the run resumed); zeros there would read as 'never fitted'")
+        raise AnalysisError(f"{folder.tracking} has no per-sample records for epoch(s) "
+                            f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''} "
+                            f"({folder.tracking.name} was lost before the run resumed); zeros there would read as "
+                            "'never fitted'")
     correct = tracked["adv_correct"][:epochs]
     losses = tracked["adv_loss"][:epochs].float() if "adv_loss" in tracked else None
     n = correct.shape[1]
@@ -114,7 +117,7 @@ def memorization_report(run_dir: str | Path, *, late_after: int | None = None, m
     late_order = torch.argsort(fit.masked_fill(~late, epochs + 1), stable=True)[: int(late.sum())]
     final_loss = losses[-1] if losses is not None else torch.zeros(n)
 
-    labels_file = run_dir / "labels.pt"
+    labels_file = folder.labels
     noisy = None
     if labels_file.is_file():
         try:

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ..logged import LoggedValue  # noqa: E402
+from ..method_catalog import logged_values  # noqa: E402
 from ..report import best_record, final_record  # noqa: E402
 
 ACC_CURVES = (("train_clean_acc", "train clean", "tab:blue", "--"), ("train_robust_acc", "train robust", "tab:red", "--"),
@@ -37,19 +39,18 @@ def _series(records, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
-# The epoch's ramped TE weight; runs recorded before it was named te_weight_now logged it as te_weight.
-TE_WEIGHT_KEYS = ("te_weight_now", "te_weight")
-
-
-def _te_weight_series(records):
-    # per record: a run resumed across the rename holds both names
-    points = [(r["epoch"], next(r[key] for key in TE_WEIGHT_KEYS if r.get(key) is not None)) for r in records
-              if any(r.get(key) is not None for key in TE_WEIGHT_KEYS)]
+def _logged_series(records, value: LoggedValue):
+    """A declared value's series, read under its key or an older name (``aliases``), per record: a run
+    resumed across a rename holds both."""
+    keys = (value.key, *value.aliases)
+    points = [(r["epoch"], next(r[key] for key in keys if r.get(key) is not None)) for r in records
+              if any(r.get(key) is not None for key in keys)]
     return [p[0] for p in points], [p[1] for p in points]
 
 
 def plot_runs(runs: list[tuple[str, list[dict]]], path, planned: list[int | None] | None = None) -> Path:
-    """One column per run: accuracies (best and final epoch marked), robust gap, grad norm, TE weight.
+    """One column per run: accuracies (best and final epoch marked), robust gap, grad norm, and a row per
+    value a method declares to plot (``Method.logged``, e.g. the TE weight) that one of the runs logged.
 
     ``planned``: each run's number of epochs (its config); a run that has not reached it has its last
     evaluated epoch marked "last so far", not "final". All columns share one epoch axis.
@@ -60,8 +61,9 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path, planned: list[int | None
     """
     if not runs:
         raise ValueError("no runs to plot")
-    has_te = any(any(key in r for key in TE_WEIGHT_KEYS for r in records) for _, records in runs)
-    rows = 4 if has_te else 3
+    plotted = [value for value in logged_values()
+               if value.plot and any(_logged_series(records, value)[0] for _, records in runs)]
+    rows = 3 + len(plotted)
     fig, axes = plt.subplots(rows, len(runs), figsize=(4.2 * len(runs), 2.6 * rows), squeeze=False)
     planned = planned or [None] * len(runs)
     last_epoch = max([r["epoch"] for _, records in runs for r in records] + [p for p in planned if p])
@@ -111,14 +113,13 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path, planned: list[int | None
             twin.plot(epochs, values, color="tab:orange", lw=0.9, ls="--")
             twin.set_ylabel("train loss", color="tab:orange", fontsize=8)
 
-        if has_te:
-            ax = axes[3][col]
-            epochs, values = _te_weight_series(records)
+        for ax, value in zip(axes[3:, col], plotted):
+            epochs, values = _logged_series(records, value)
             if epochs:
                 ax.plot(epochs, values, color="tab:brown")
             else:
-                ax.text(0.5, 0.5, "no TE", ha="center", va="center", transform=ax.transAxes)
-            ax.set_ylabel("TE weight")
+                ax.text(0.5, 0.5, f"no {value.label}", ha="center", va="center", transform=ax.transAxes)
+            ax.set_ylabel(value.label)
             ax.grid(alpha=0.3)
         axes[-1][col].set_xlabel("epoch")
         for row in range(rows):

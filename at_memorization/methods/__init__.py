@@ -1,8 +1,8 @@
 """Training methods: the interface (methods and the extensions that compose with them), the registry
 and the built-ins (pgd-at, trades)."""
 
-from .base import Extension, Hyperparameter, Method, MethodError, Penalty, TrainingSetup
+from .base import Extension, Hyperparameter, LoggedValue, Method, MethodError, Penalty, TrainingSetup
 from .registry import GROUP, MethodEntry, UnknownMethodError, discover, get_method
 
-__all__ = ["GROUP", "Extension", "Hyperparameter", "Penalty", "Method", "MethodEntry", "MethodError", "TrainingSetup",
-           "UnknownMethodError", "discover", "get_method"]
+__all__ = ["GROUP", "Extension", "Hyperparameter", "LoggedValue", "Penalty", "Method", "MethodEntry", "MethodError",
+           "TrainingSetup", "UnknownMethodError", "discover", "get_method"]

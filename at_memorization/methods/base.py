@@ -14,7 +14,10 @@ per-run state. The trainer calls, for every batch::
 
 ``index`` holds the samples' positions in the training set, ``epoch`` counts from 1. ``logs`` maps
 names to scalar tensors (batch means); the trainer averages them over the epoch without any
-host-device synchronization. Everything a method needs to resume goes into ``state_dict()`` as
+host-device synchronization. Before the first step it calls ``method.set_attack_mode(model, mode)``
+(``--attack-bn``); at each epoch's start it logs ``method.on_epoch_start(epoch)``, whose values worth
+showing a method or extension declares in ``logged`` (``LoggedValue``: the epoch line and ``at-mem
+plot`` show them). Everything a method needs to resume goes into ``state_dict()`` as
 tensors and plain Python values.
 
 A method is written in three small parts, which is what lets extensions compose with it::
@@ -43,7 +46,9 @@ import torch
 
 # Penalty: penalty(logits) -> scalar, added to an attack's inner loss
 from ..attacks import Penalty, input_gradients_only
+from ..logged import LoggedValue
 from ..settings import SETTINGS_BY_NAME, Hyperparameter, SettingError  # noqa: F401  (Hyperparameter: API)
+from ..user_errors import UserError
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class TrainingSetup:
     norm: str = SETTINGS_BY_NAME["norm"].default
 
 
-class MethodError(ValueError):
+class MethodError(UserError, ValueError):
     """A method cannot be built with the given settings."""
 
 
@@ -77,6 +82,9 @@ class Extension:
 
     key: ClassVar[str] = ""
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    # The values of on_epoch_start to show (the train command's epoch line, `at-mem plot`), added to
+    # every method that lists the extension.
+    logged: ClassVar[tuple[LoggedValue, ...]] = ()
     has_state: ClassVar[bool] = False  # True: state_dict() is saved in checkpoints under ``key``
 
     def __init__(self, method: "Method"):
@@ -132,6 +140,8 @@ class Method:
     description: ClassVar[str] = ""
     # The method's settings, its extensions' included (added by __init_subclass__).
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    # The values of on_epoch_start to show, its extensions' included (added by __init_subclass__).
+    logged: ClassVar[tuple[LoggedValue, ...]] = ()
     extensions: ClassVar[tuple[type[Extension], ...]] = ()
     # Which of training_logits' entries an extension's loss term applies to.
     regularized_logits: ClassVar[str] = "adv"
@@ -149,6 +159,9 @@ class Method:
         added = tuple(h for extension in cls.extensions for h in extension.hyperparameters if h.name not in names)
         if added:
             cls.hyperparameters = cls.hyperparameters + added
+        logged_keys = {value.key for value in cls.logged}
+        cls.logged = cls.logged + tuple(value for extension in cls.extensions for value in extension.logged
+                                        if value.key not in logged_keys)
 
     def __init__(self, setup: TrainingSetup, **method_args):
         self.setup = setup
@@ -183,6 +196,30 @@ class Method:
         if getattr(self, "_attack", None) is None or self._attack.model is not model:
             self._attack = self.build_attack(model)
         return self._attack
+
+    def set_attack_mode(self, model: torch.nn.Module, mode: str) -> None:
+        """The model's mode during the training attack on ``model`` (``--attack-bn``), set once on the
+        attack object ``make_attack(model)`` returns at every step (``model``: the bare module or the
+        compiled one, never a DDP wrapper). torchattacks' ``Attack.__call__`` switches the model to that
+        mode and back after the call.
+
+        "eval" (torchattacks' default) sets nothing. "train" is the whole model in train mode, as Rice
+        et al.'s and AWP's ``attack_pgd`` (called with the model in ``model.train()``): BatchNorm
+        normalizes with each attack batch's statistics and updates its running statistics, dropout
+        draws masks. What runs outside the attack object keeps its own mode (TE's ensemble forward,
+        the per-epoch evaluation, ``--track-samples``: eval)."""
+        if mode == "eval":
+            return
+        if mode != "train":
+            raise MethodError(f"--attack-bn must be one of eval, train, got {mode!r}")
+        try:
+            attack = self.make_attack(model)
+        except NotImplementedError:
+            attack = None
+        if not callable(getattr(attack, "set_model_training_mode", None)):
+            raise MethodError(f"--attack-bn {mode}: method {self.name} does not build a torchattacks attack "
+                              f"(build_attack), so its attack mode cannot be set; use --attack-bn eval")
+        attack.set_model_training_mode(model_training=True, batchnorm_training=True, dropout_training=True)
 
     # -- the three parts a method writes
     def run_attack(self, model: torch.nn.Module, x, y, penalty: Penalty | None = None,

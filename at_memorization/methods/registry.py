@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 from .base import Method
+from ..user_errors import UserError
 
 GROUP = "at_memorization.methods"
 
 
-class UnknownMethodError(KeyError):
+class UnknownMethodError(UserError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 
@@ -55,15 +56,3 @@ def get_method(name: str) -> type[Method]:
         raise UnknownMethodError(f"unknown method {name!r}; installed methods: {', '.join(methods) or 'none'}")
     return methods[name].load()
 
-
-def all_hyperparameters() -> dict:
-    """Every installed method's hyperparameters by name (for building CLI options)."""
-    found = {}
-    for entry in discover().values():
-        try:
-            cls = entry.load()
-        except Exception:  # a broken third-party plugin must not break the CLI
-            continue
-        for h in cls.hyperparameters:
-            found.setdefault(h.name, (h, []))[1].append(entry.name)
-    return found

@@ -45,7 +45,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from at_memorization.methods import Extension, Hyperparameter, MethodError
+from at_memorization.methods import Extension, Hyperparameter, LoggedValue, MethodError
 
 AWP_EPS = 1e-20  # utils_awp.py's EPS
 
@@ -76,6 +76,7 @@ class AdversarialWeightPerturbation(Extension):
 
     key = "awp"
     hyperparameters = AWP_HYPERPARAMETERS
+    logged = (LoggedValue("awp_gamma_now", "AWP gamma", plot=False),)  # 0 during the warm-up, then awp_gamma
 
     def __init__(self, method):
         super().__init__(method)

@@ -18,30 +18,24 @@ from __future__ import annotations
 
 import torch
 
-from at_memorization.attacks import Penalty, PenalizedPGD
+from at_memorization.attacks import PenalizedPGD
 
 
 class MARTPGD(PenalizedPGD):
-    """MART's inner maximization: ``steps`` sign steps of ``alpha`` on ``CE(f(x_adv), y)`` (+ ``penalty``)."""
+    """MART's inner maximization: ``steps`` sign steps of ``alpha`` on ``CE(f(x_adv), y)`` (+ ``penalty``).
+
+    ``PenalizedPGD``'s loop with mart.py's start and projection as its hooks (the loop's closing clamp
+    is mart.py's too)."""
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, start_std: float = 0.001):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=True, norm="Linf")
         self.start_std = start_std
 
-    def forward(self, images, labels, penalty: Penalty = None):
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        # mart.py: x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape).cuda().detach()
-        adv_images = (images + self.start_std * torch.randn_like(images)).detach()
-        for _ in range(self.steps):
-            adv_images.requires_grad_()
-            logits = self.get_logits(adv_images)
-            cost = self.loss_fn(logits, labels)
-            if penalty is not None:
-                cost = cost + penalty(logits)
-            grad = torch.autograd.grad(cost, [adv_images])[0]
-            adv_images = adv_images.detach() + self.alpha * torch.sign(grad.detach())
-            adv_images = torch.min(torch.max(adv_images, images - self.eps), images + self.eps)
-            adv_images = torch.clamp(adv_images, 0.0, 1.0)
-        # mart.py clamps once more after the loop (which also covers steps == 0)
+    def _random_start(self, images):
+        # mart.py: x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape).cuda().detach() (not clamped)
+        return (images + self.start_std * torch.randn_like(images)).detach()
+
+    def _step(self, adv_images, images, grad):
+        adv_images = adv_images.detach() + self.alpha * torch.sign(grad.detach())
+        adv_images = torch.min(torch.max(adv_images, images - self.eps), images + self.eps)
         return torch.clamp(adv_images, 0.0, 1.0).detach()

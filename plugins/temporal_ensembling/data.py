@@ -35,7 +35,21 @@ def _drop_index(batch):
     raise TypeError(f"without_index: expected tuple, list or dict batches, got {type(batch).__name__}")
 
 
-class WithIndex(torch.utils.data.Dataset):
+class _Forwarding:
+    """Forwards the attributes it lacks to the object it wraps (the attribute ``_inner`` names)."""
+
+    _inner = ""
+
+    def __getattr__(self, name):
+        # Only reached for attributes the wrapper itself lacks. Guarded so that unpickling (DataLoader
+        # workers) and copying, which look attributes up before __init__ ran, do not recurse.
+        inner = self.__dict__.get(self._inner)
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
+class WithIndex(_Forwarding, torch.utils.data.Dataset):
     """A map-style dataset whose items also carry their index: ``(x, y)`` becomes ``(x, y, index)``.
 
     >>> train = WithIndex(train_set)
@@ -56,6 +70,8 @@ class WithIndex(torch.utils.data.Dataset):
         Any map-style dataset (``__getitem__`` with integer positions and ``__len__``).
     """
 
+    _inner = "dataset"
+
     def __init__(self, dataset):
         if isinstance(dataset, torch.utils.data.IterableDataset):
             raise TypeError("WithIndex needs a map-style dataset (positions 0..len-1); an IterableDataset has no "
@@ -75,20 +91,14 @@ class WithIndex(torch.utils.data.Dataset):
             index = int(index)
         return _add_index(self.dataset[index], index)
 
-    def __getattr__(self, name):
-        # Only reached for attributes WithIndex itself lacks. Guarded so that unpickling (DataLoader
-        # workers) and copying, which look attributes up before __init__ ran, do not recurse.
-        dataset = self.__dict__.get("dataset")
-        if dataset is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(dataset, name)
-
     def __repr__(self) -> str:
         return f"WithIndex({self.dataset!r})"
 
 
-class _WithoutIndex:
+class _WithoutIndex(_Forwarding):
     """The batches of an indexed loader with the index dropped; see ``without_index``."""
+
+    _inner = "loader"
 
     def __init__(self, loader):
         self.loader = loader
@@ -99,12 +109,6 @@ class _WithoutIndex:
 
     def __len__(self) -> int:
         return len(self.loader)
-
-    def __getattr__(self, name):
-        loader = self.__dict__.get("loader")
-        if loader is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(loader, name)
 
     def __repr__(self) -> str:
         return f"without_index({self.loader!r})"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from at_memorization.methods import Extension, Hyperparameter, MethodError
+from at_memorization.methods import Extension, Hyperparameter, LoggedValue, MethodError
 from at_memorization.methods.pgd_at import PGDAT
 from at_memorization.methods.trades import TRADES
 from at_memorization.runtime import eval_mode
@@ -26,6 +26,8 @@ class TemporalEnsembling(Extension):
 
     key = "te"
     has_state = True
+    # The epoch's ramped weight; runs recorded before it was named te_weight_now logged it as te_weight.
+    logged = (LoggedValue("te_weight_now", "TE weight", aliases=("te_weight",)),)
     hyperparameters = (
         Hyperparameter("te_momentum", float, 0.9, "TE: momentum of the per-sample prediction average",
                        minimum=0.0, maximum=1.0, exclusive_maximum=True),

@@ -1,0 +1,102 @@
+"""A run's state as a checkpoint, and back: :func:`dump` and :func:`restore` are a mirror pair
+(tests/test_training_state.py round-trips them), as Lightning's ``dump_checkpoint``/``restore``.
+
+What is saved: the model, the optimizer, the method's state, every rank's random streams, the
+progress (finished epoch, history, best epoch) and, for a mid-epoch checkpoint, the epoch loop's
+state (``partial``: step, augmentation stream, running sums, per-sample records). The layout is the
+checkpoint module's (``checkpoint.make_checkpoint``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint as ckpt
+from ..methods import MethodError
+from ..randomness import capture_rng, restore_rng
+from ..runtime import DistributedContext
+from ..settings import RunConfig
+from .build import Parts
+from .schedule import learning_rate
+
+NO_BEST = {"epoch": 0, "test_robust_acc": -1.0, "test_clean_acc": -1.0}
+
+
+@dataclass
+class Progress:
+    """How far a run is: ``epoch`` finished epochs, their records, the best one so far, and the loop
+    state of an unfinished epoch (``partial``, from a mid-epoch checkpoint) or None."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: dict(NO_BEST))
+    partial: dict | None = None
+
+    @property
+    def next_epoch(self) -> int:
+        return self.partial["epoch"] if self.partial else self.epoch + 1
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a checkpoint records about the run beside the state: settings and data shape."""
+
+    config: RunConfig
+    num_classes: int
+    shape: tuple[int, int, int]  # (channels, height, width) of the training images
+    method_settings: dict
+    data_fingerprint: str | None
+
+
+def rng_states(ctx: DistributedContext) -> list[dict]:
+    """Every rank's generator states, rank 0's first (a collective call under torchrun)."""
+    if not ctx.enabled:
+        return [capture_rng()]
+    states = [None] * ctx.world_size
+    dist.all_gather_object(states, capture_rng())
+    return states
+
+
+def dump(parts: Parts, progress: Progress, info: RunInfo, rng: list[dict]) -> dict:
+    """The checkpoint of ``parts`` after ``progress``: at the end of epoch ``progress.epoch``, or
+    within the next epoch when ``progress.partial`` is set."""
+    config = info.config
+    state = ckpt.make_checkpoint(
+        model=parts.model, model_name=config.model, num_classes=info.num_classes, in_chans=info.shape[0],
+        img_size=info.shape[1], dataset=config.dataset, optimizer_state=parts.optimizer.state_dict(),
+        schedule=config.schedule, lr=learning_rate(config, progress.epoch), method_name=config.method,
+        method_settings=info.method_settings, method_state=parts.method.state_dict(), epoch=progress.epoch,
+        config=config.to_dict(), rng_states=rng, best=progress.best, history=progress.history,
+        data_fingerprint=info.data_fingerprint)
+    if progress.partial is not None:
+        state["partial"] = dict(progress.partial)
+    return state
+
+
+def restore(parts: Parts, state: dict, config: RunConfig, ctx: DistributedContext,
+            path: str | Path = "checkpoint") -> Progress:
+    """Put ``state`` back into ``parts`` and this process's random streams (the mirror of
+    :func:`dump`); returns the progress. ``config``: the settings the run continues with (an
+    --override of momentum or weight decay must reach the optimizer)."""
+    ckpt.load_weights_into(parts.model, state["model"], path, model_name=config.model)
+    try:
+        parts.optimizer.load_state_dict(state["optimizer"])
+        # load_state_dict restores the saved hyperparameters too: an --override of momentum or
+        # weight decay must reach the optimizer (the lr is set at every epoch)
+        for group in parts.optimizer.param_groups:
+            group["momentum"], group["weight_decay"] = config.momentum, config.weight_decay
+        parts.method.load_state_dict(state["method"]["state"])
+    except (MethodError, ckpt.CheckpointError):  # already one line, naming the problem
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        first = str(error).splitlines()[0][:160] if str(error) else ""
+        raise ckpt.CheckpointError(f"{path}: the optimizer or method state does not fit this run "
+                                   f"({type(error).__name__}: {first})") from error
+    per_rank = state.get("rng_per_rank") or []
+    restore_rng(per_rank[ctx.rank] if len(per_rank) == ctx.world_size else state["rng"])
+    return Progress(epoch=state["epoch"], history=list(state["history"]), best=dict(state["best"]),
+                    partial=state.get("partial"))
