@@ -160,11 +160,12 @@ def _register_backbones() -> None:
     """Import ``at_memorization.models``, whose import registers our backbones in timm's registry.
 
     Cannot recurse: timm is in ``sys.modules`` by now, so the models module's ``import timm`` does not
-    reach the finder below again; and when the models module is what imported timm (it is in
-    ``sys.modules`` already, half run), its own body registers them once timm is loaded.
+    reach the finder below again; and when the models module is what imported timm (in this thread:
+    it is half run), the import returns it as it is and its own body registers them once timm is
+    loaded. In another thread, the import waits for that module to finish (the import lock), so
+    ``import timm`` never returns before the backbones are registered.
     """
-    if f"{__package__}.models" not in sys.modules:
-        importlib.import_module(".models", __package__)
+    importlib.import_module(".models", __package__)
 
 
 class _RegisterAfterTimm(importlib.abc.Loader):
@@ -180,7 +181,11 @@ class _RegisterAfterTimm(importlib.abc.Loader):
         # timm keeps its own loader (importlib.resources and the like look it up there).
         module.__loader__ = module.__spec__.loader = self.loader
         self.loader.exec_module(module)
-        _register_backbones()
+        try:
+            _register_backbones()
+        except Exception as error:  # noqa: BLE001  (timm itself loaded: our failure must not undo its import)
+            warnings.warn(f"at_memorization could not register its backbones in timm ({type(error).__name__}: "
+                          f"{error}); timm.create_model will not know them", RuntimeWarning, stacklevel=2)
 
 
 class _TimmRegistration(importlib.abc.MetaPathFinder):

@@ -40,8 +40,8 @@ FORMAT = 2  # of the cache file; a file of another format is rebuilt
 PAPER_EPOCHS = 200  # the defaults `at-mem methods` shows are for the paper's 200 epochs
 
 _TYPES = {t.__name__: t for t in (int, float, str, bool, list)}
-# Every declared field of a Hyperparameter except ``derived`` (a function: not plain data; a
-# declaration that sets it is never cached).
+# Every declared field of a Hyperparameter except ``derived``: a function, run by the method when it is
+# built (never by the CLI, which only parses and shows); the cache records that it is derived.
 _FIELDS = tuple(f.name for f in dataclasses.fields(Hyperparameter) if f.name != "derived")
 
 
@@ -157,8 +157,10 @@ def _load_classes() -> list[MethodInfo]:
             except MethodError:  # e.g. a method for another threat model: its declared defaults
                 defaults = {h.name: "derived" if h.default is None else h.default for h in cls.hyperparameters}
             options = " ".join(f"{h.flag} {defaults.get(h.name)!s}" for h in cls.hyperparameters)
+            # the declarations as plain data: a derivation runs in the method, never here
+            declared = tuple(dataclasses.replace(h, derived=None) for h in cls.hyperparameters)
             methods.append(MethodInfo(entry.name, entry.value, entry.distribution, str(description), options,
-                                      tuple(cls.hyperparameters), tuple(cls.logged)))
+                                      declared, tuple(cls.logged)))
         except Exception as error:  # a broken plugin is reported, not fatal
             methods.append(MethodInfo(entry.name, entry.value, entry.distribution,
                                       error=f"{type(error).__name__}: {error}"))
@@ -231,7 +233,7 @@ def _write(path: Path, declared, methods: list[MethodInfo]) -> None:
         for method in methods:
             for h in method.hyperparameters:
                 if type(h) is not Hyperparameter or _hyperparameter_from_dict(_hyperparameter_to_dict(h)) != h:
-                    return  # e.g. a derived default or a subclass with more fields: not plain data
+                    return  # e.g. a subclass with more fields: not plain data
         text = json.dumps({"format": FORMAT, "key": _key(declared), "sources": _sources(methods),
                            "methods": [_method_to_dict(method) for method in methods]}, indent=1)
     except (TypeError, ValueError, KeyError, OSError):

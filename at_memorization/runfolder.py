@@ -65,6 +65,10 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _in_folder(name: str) -> property:
+    return property(lambda self: self.path / name)
+
+
 class RunFolder:
     """A run folder: ``RunFolder(path).metrics`` is its metrics file, ``.read_metrics()`` its records."""
 
@@ -81,20 +85,10 @@ class RunFolder:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    config = property(lambda self: self.path / CONFIG)
-    metrics = property(lambda self: self.path / METRICS)
-    history = property(lambda self: self.path / HISTORY)
-    last = property(lambda self: self.path / LAST)
-    previous = property(lambda self: self.path / PREVIOUS)
-    best = property(lambda self: self.path / BEST)
-    init = property(lambda self: self.path / INIT)
-    labels = property(lambda self: self.path / LABELS)
-    tracking = property(lambda self: self.path / TRACKING)
-    lock_path = property(lambda self: self.path / LOCK_NAME)
-
-    eval_dir = property(lambda self: self.path / EVAL_DIR)
-    tensorboard_dir = property(lambda self: self.path / TENSORBOARD_DIR)
-    wandb_id = property(lambda self: self.path / WANDB_ID)
+    # Each a path in the folder: RunFolder(p).metrics is p / "metrics.jsonl".
+    config, metrics, history, last, previous, best = map(_in_folder, (CONFIG, METRICS, HISTORY, LAST, PREVIOUS, BEST))
+    init, labels, tracking, lock_path = map(_in_folder, (INIT, LABELS, TRACKING, LOCK_NAME))
+    eval_dir, tensorboard_dir, wandb_id = map(_in_folder, (EVAL_DIR, TENSORBOARD_DIR, WANDB_ID))
 
     def checkpoint(self, which: str) -> Path:
         """``RUN/best.pt`` or ``RUN/last.pt`` (``which``: one of ``records.CHECKPOINT_NAMES``)."""

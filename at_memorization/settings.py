@@ -180,7 +180,10 @@ class Setting:
 @dataclass(frozen=True)
 class Hyperparameter(Setting):
     """A method's own setting, exposed as ``--<name with dashes>`` by the CLI: a run Setting (type,
-    default, help, bounds such as ``minimum=0``), which a resume may change by default.
+    default, help, bounds such as ``minimum=0``), which a resume may change by default. A default that
+    depends on the run is ``derived`` as a run setting's is: a function of a dict holding the run's
+    ``TrainingSetup`` fields (``epochs``, ``eps``, ...), the method's other settings and ``method`` (its
+    class), called when the method is built if the setting was not given (e.g. TE's start epoch).
 
     Declared here, beside Setting and free of torch, so that ``at-mem`` can rebuild the declarations
     from its method catalog (method_catalog.py); methods import it from ``at_memorization.methods``."""
@@ -405,20 +408,21 @@ def report_ignored() -> tuple[str, ...]:
 
 
 def resume_settings(saved: dict, saved_method: dict, given: dict, given_method: dict, overrides: dict,
-                    hyperparameters: dict[str, Setting]) -> tuple["RunConfig", dict]:
+                    hyperparameters: dict[str, Setting], *, complete: bool = False) -> tuple["RunConfig", dict]:
     """The settings a resumed run continues with, and its changes {name: [old, new]}.
 
     ``saved``/``saved_method``: the run's recorded (resolved) settings; ``given``/``given_method``:
     what the command line or a file gave explicitly (each must equal the saved value, unless it may
     differ on resume); ``overrides``: deliberate changes (``parse_overrides``). Derived values stay as
-    they were saved unless overridden (module docstring).
+    they were saved unless overridden (module docstring). ``complete``: ``given`` is a whole config
+    (the trainer's), so a None in it is a value to compare, not a setting left out.
     """
     config = {s.name: saved.get(s.name, s.default) for s in RUN_SETTINGS}
     method_settings = dict(saved_method)
     for values, target, declarations in ((given, config, SETTINGS_BY_NAME),
                                          (given_method, method_settings, hyperparameters)):
         for name, value in values.items():
-            if name in overrides or value is None:
+            if name in overrides or (value is None and not complete):
                 continue
             setting = declarations.get(name)
             if setting is not None and setting.free_on_resume:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from at_memorization.analysis.common import margins
+from at_memorization.attacks import margins
 from at_memorization.analysis.measures import (MEASURES, awp_flatness, compare_checkpoints, distance_from_init,
                                                input_grad_norm, kendall_tau, norm_measures, pacbayes_sharpness,
                                                path_norm, spectral_complexity, weight_matrices)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from at_memorization.analysis.common import AnalysisError
+from at_memorization.user_errors import AnalysisError
 from at_memorization.analysis.memorization import compare_runs, fit_epochs, memorization_report
 
 # 5 epochs x 6 samples: rows are epochs

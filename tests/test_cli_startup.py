@@ -8,6 +8,7 @@ its own cache folder (``XDG_CACHE_HOME`` in a temporary folder): nothing is writ
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -32,11 +33,12 @@ BUILT_IN = ("mart", "pgd-at", "pgd-at-awp", "pgd-at-te", "pgd-at-te-awp", "trade
 
 def all_hyperparameters() -> dict:
     """Every installed method's settings by name, with the methods declaring each, from the classes
-    themselves: what the catalog must give without loading a class."""
+    themselves: what the catalog must give without loading a class (a derivation, a function, runs in
+    the method only)."""
     found = {}
     for entry in discover().values():
         for h in entry.load().hyperparameters:
-            found.setdefault(h.name, (h, []))[1].append(entry.name)
+            found.setdefault(h.name, (dataclasses.replace(h, derived=None), []))[1].append(entry.name)
     return found
 
 

@@ -200,3 +200,19 @@ def test_the_attack_mode_of_a_method_without_a_torchattacks_attack_is_refused():
                                "(build_attack), so its attack mode cannot be set; use --attack-bn eval")
     with pytest.raises(MethodError, match="--attack-bn must be one of eval, train, got 'sideways'"):
         method.set_attack_mode(_net(), "sideways")
+
+
+def test_a_declared_derivation_fills_the_settings_left_out():
+    """A method setting's run-dependent default is its declaration's ``derived`` (as for run settings):
+    TE's schedule from the epochs, AWP's warm-up from the epochs and the method class."""
+    from at_memorization.methods import TrainingSetup, get_method
+    from at_memorization.plugins.temporal_ensembling.loss import default_schedule
+
+    setup = TrainingSetup(num_samples=4, num_classes=10, epochs=10)
+    te = get_method("pgd-at-te")(setup)
+    assert (te.settings["te_start"], te.settings["te_end"]) == default_schedule(10) == (4, 8)
+    assert te.derived == ("te_start", "te_end") and te.notes  # the note names the derived schedule
+    given = get_method("pgd-at-te")(setup, te_start=3)
+    assert (given.settings["te_start"], given.derived, given.notes) == (3, ("te_end",), [])
+    awp = get_method("trades-awp")(TrainingSetup(num_samples=4, num_classes=10, epochs=100))
+    assert (awp.settings["awp_gamma"], awp.settings["awp_warmup"]) == (0.005, 4)  # 9 of 200 -> 4 of 100

@@ -179,3 +179,13 @@ def test_no_run_folder_file_name_is_written_outside_runfolder():
             offending += [f"{path.relative_to(ROOT)}:{line}: {text!r}"
                           for line, text in file_name_literals(path.read_text())]
     assert not offending, "run-folder file names outside runfolder.py:\n" + "\n".join(offending)
+
+
+def test_the_evaluation_attacks_are_the_records_names():
+    # evaluate dispatches on the names (clean and AutoAttack by name, the others through ATTACKS):
+    # every name has a way to be measured, and no factory measures an attack the records do not name.
+    from at_memorization.evaluation import ATTACKS
+    from at_memorization.records import ATTACK_NAMES, ROBUST_ATTACK_NAMES
+
+    assert set(ATTACKS) | {"clean", "autoattack"} == set(ATTACK_NAMES)
+    assert set(ATTACKS) < set(ROBUST_ATTACK_NAMES)

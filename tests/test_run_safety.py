@@ -182,7 +182,7 @@ def test_te_that_peaks_after_the_last_epoch_is_a_warning(mnist_dir, tmp_path):
 # --------------------------------------------------------------------------- 4. lost tracking
 def test_lost_tracking_file_marks_epochs_unrecorded_and_memorization_refuses(mnist_dir, tmp_path):
     # Before: deleting tracking.pt and resuming gave all-zero rows for the earlier epochs, silently.
-    from at_memorization.analysis.common import AnalysisError
+    from at_memorization.user_errors import AnalysisError
     from at_memorization.analysis.memorization import memorization_report
 
     run, logs = tmp_path / "run", []

@@ -2,6 +2,7 @@
 ``last.pt`` once, and no module under ``training/`` imports the loop."""
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,22 @@ def test_a_resume_reads_last_pt_once(mnist_dir, tmp_path, monkeypatch):
     assert "last-prev.pt" not in loads  # the fallback is read only when last.pt is unusable
 
 
+def test_the_python_resume_reads_last_pt_once(mnist_dir, tmp_path, monkeypatch):
+    from at_memorization.training import open_resumable, settings_to_resume
+
+    run = tmp_path / "run"
+    Trainer(_tiny(mnist_dir), run, device="cpu").fit()
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda file, *a, **k: loads.append(Path(str(file)).name) or real_load(file, *a, **k))
+    resumable = open_resumable(run)
+    config, changes = settings_to_resume(resumable, {"epochs": 2})
+    assert changes == {"epochs": [1, 2]}
+    history = Trainer(config, run, device="cpu", resume=True, overrides={"epochs": 2}, resumable=resumable).fit()
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert loads.count("last.pt") == 1, loads
+
+
 def test_no_module_of_the_training_package_imports_the_loop():
     for path in PACKAGE.glob("*.py"):
         if path.name in ("loop.py", "__init__.py"):
@@ -116,3 +133,69 @@ def test_no_class_of_the_training_package_is_over_350_lines(module):
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ClassDef):
             assert node.end_lineno - node.lineno + 1 <= 350, node.name
+
+
+def _tiny(mnist_dir, **settings) -> RunConfig:
+    values = dict(method="pgd-at", dataset="mnist", data_dir=str(mnist_dir), model="smallcnn", epochs=1,
+                  batch_size=32, train_size=64, test_size=16, steps=1, eval_steps=1, eps=0.1, step_size=0.05)
+    return RunConfig(**{**values, **settings})
+
+
+def test_a_resume_compares_settings_left_to_none_too(mnist_dir, tmp_path):
+    # A whole config given to the Trainer: None is a value (all test points), not "not given".
+    from at_memorization.training import TrainingError
+
+    from at_memorization.training import resume_config
+
+    run = tmp_path / "run"
+    Trainer(_tiny(mnist_dir), run, device="cpu").fit()
+    config, _ = resume_config(run, {"epochs": 2})
+    with pytest.raises(TrainingError, match="differs from the saved run in 'test_size' \\(saved 16, given None\\)"):
+        Trainer(dataclasses.replace(config, test_size=None), run, device="cpu", resume=True, overrides={"epochs": 2})
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_checkpoint_written_between_the_read_and_the_lock_is_never_overwritten(mnist_dir, tmp_path, fallback):
+    # Process P reads the run, process Q writes it before P holds the lock: P must not resume from
+    # what it read (it would overwrite Q's newer checkpoint). Also after a fallback to last-prev.pt,
+    # where the file P read is not the one Q rewrites.
+    from at_memorization.training import TrainingError, open_resumable, settings_to_resume
+
+    run = tmp_path / "run"
+    Trainer(_tiny(mnist_dir, epochs=2), run, device="cpu").fit()
+    if fallback:
+        (run / "last.pt").write_bytes(b"truncated")
+    read = open_resumable(run)  # P
+    assert read.path.name == ("last-prev.pt" if fallback else "last.pt")
+    config, _ = settings_to_resume(read, {"epochs": 3})
+    q_state = torch.load(run / "last-prev.pt", weights_only=True)
+    torch.save(q_state, run / "last.pt")  # Q's write (any new version of the file)
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(TrainingError, match="written by another process while this one was starting"):
+        Trainer(config, run, device="cpu", resume=True, overrides={"epochs": 3}, resumable=read)
+    assert (run / "last.pt").read_bytes() == before
+    assert not (run / ".lock").exists()  # released
+    Trainer(config, run, device="cpu", resume=True, overrides={"epochs": 3}).fit()  # the same call again works
+
+
+def test_a_checkpoint_read_from_another_folder_is_refused(mnist_dir, tmp_path):
+    from at_memorization.training import TrainingError, open_resumable
+
+    Trainer(_tiny(mnist_dir), tmp_path / "a", device="cpu").fit()
+    with pytest.raises(TrainingError, match="not in"):
+        Trainer(_tiny(mnist_dir), tmp_path / "b", device="cpu", resume=True, resumable=open_resumable(tmp_path / "a"))
+
+
+def test_the_history_events_of_a_resume_keep_their_order(mnist_dir, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    Trainer(_tiny(mnist_dir, track_samples=True), run, device="cpu").fit()
+    (run / "tracking.pt").unlink()
+    (run / "config.json").write_text("{")
+    from at_memorization.training import resume_config
+
+    config, _ = resume_config(run, {"epochs": 2})
+    Trainer(config, run, device="cpu", resume=True, overrides={"epochs": 2}).fit()
+    events = [json.loads(line)["event"] for line in (run / "history.jsonl").read_text().splitlines()]
+    assert events == ["override", "tracking-lost", "config-repaired", "resumed"]

@@ -5,7 +5,7 @@ The ``at-mem`` commands that wrap them live in :mod:`at_memorization.analysis.co
 See ``docs/memorization.md`` for the formulas and their sources.
 """
 
-from .common import AnalysisError
+from ..user_errors import AnalysisError
 from .gradient_stability import gradient_stability, gradient_stability_for_checkpoint
 from .measures import (compare_checkpoints, kendall_tau, measure_checkpoint, path_norm, spectral_complexity,
                        weight_matrices)

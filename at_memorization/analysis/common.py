@@ -13,14 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ..attacks import margins  # noqa: F401  (re-exported)
 from ..methods import Method, TrainingSetup, get_method
 from ..checkpoint import build_model_from_checkpoint, load_checkpoint, load_labels, run_setting
 from ..runfolder import RunFolder, RunFolderError
 from ..runtime import eval_mode
-from ..user_errors import AnalysisError  # noqa: F401  (re-exported: the analyses raise it)
+from ..user_errors import AnalysisError
 from ..data import IndexedDataset, load_data, load_split
 
 

@@ -33,10 +33,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .common import (AnalysisError, finite_or_none, load_for_analysis, margins, pgd_examples, take, test_split,
-                     training_split)
+from .common import finite_or_none, load_for_analysis, pgd_examples, take, test_split, training_split
 from ..evaluation import correct_flags
-from ..attacks import selection_pgd
+from ..attacks import margins, selection_pgd
+from ..user_errors import AnalysisError
 from ..runfolder import RunFolder
 
 # Higher value = more complex = the measure predicts a larger generalization gap.

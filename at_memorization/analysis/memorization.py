@@ -29,7 +29,8 @@ import torch
 from ..checkpoint import CheckpointError, load_labels
 from ..records import best_record
 from ..runfolder import RunFolder
-from .common import AnalysisError, read_metrics
+from .common import read_metrics
+from ..user_errors import AnalysisError
 
 
 def load_tracking(run_dir: str | Path) -> dict:

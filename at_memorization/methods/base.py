@@ -39,6 +39,7 @@ defaults and derived values filled in, which checkpoints save (under ``method.co
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,7 +48,7 @@ import torch
 # Penalty: penalty(logits) -> scalar, added to an attack's inner loss
 from ..attacks import Penalty, input_gradients_only
 from ..logged import LoggedValue
-from ..settings import SETTINGS_BY_NAME, Hyperparameter, SettingError  # noqa: F401  (Hyperparameter: API)
+from ..settings import SETTINGS_BY_NAME, Hyperparameter, SettingError
 from ..user_errors import UserError
 
 
@@ -169,13 +170,18 @@ class Method:
         unknown = sorted(set(method_args) - set(known))
         if unknown:
             raise MethodError(f"method {self.name!r} takes no setting {', '.join(unknown)}")
-        # None: not given, so the default, or a value the method or an extension derives below;
-        # given values are checked against their declarations (type, bounds) here, for every method
+        # None: not given, so the default, or the declaration's derivation (``derived``, as for run
+        # settings); given values are checked against their declarations (type, bounds) here
         try:
             self.settings = {name: h.default if method_args.get(name) is None else h.coerce(method_args[name])
                              for name, h in known.items()}
         except SettingError as error:
             raise MethodError(f"{self.name}: {error}") from None
+        # the settings left to their derivation (extensions' notes say so when it matters)
+        self.derived = tuple(name for name, h in known.items() if h.derived is not None and self.settings[name] is None)
+        values = {**dataclasses.asdict(setup), **self.settings, "method": type(self)}
+        for name in self.derived:
+            self.settings[name] = known[name].derived(values)
         self.notes: list[str] = []  # messages for the run's log (e.g. derived defaults)
         self._extensions = {extension.key: extension(self) for extension in self.extensions}
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..attacks import PenalizedTPGD
-from .base import Hyperparameter, Method, MethodError
+from ..settings import Hyperparameter
+from .base import Method, MethodError
 
 
 def trades_kl(logits_adv, logits_clean):

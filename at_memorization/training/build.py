@@ -4,6 +4,7 @@ augmentation."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,6 +75,13 @@ def _wrapped(config: RunConfig, model: torch.nn.Module, ctx: DistributedContext)
     attack_model = torch.compile(model, mode="reduce-overhead" if on_cuda else None, dynamic=False)
     train_model = attack_model if train_model is model else torch.compile(train_model, dynamic=False)
     return train_model, attack_model, on_cuda
+
+
+def autocast(config: RunConfig, ctx: DistributedContext):
+    """The context of attack and update: bfloat16 autocast with ``--bf16`` (fp32 weights), else none."""
+    if config.bf16:
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def build(config: RunConfig, data: DataBundle, ctx: DistributedContext) -> Parts:

@@ -37,6 +37,15 @@ def stop_agreed(ctx: DistributedContext, requested: bool, done: int) -> bool:
     return bool(flag.item() > 0)
 
 
+def all_agree(ctx: DistributedContext, ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (a collective call under torchrun)."""
+    if not ctx.enabled:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
 def all_finite(model: torch.nn.Module, ctx: DistributedContext, loss_sum: torch.Tensor | None = None) -> bool:
     """Whether the weights, and ``loss_sum`` if given, are finite on every process."""
     norms = torch._foreach_norm([p.detach() for p in model.parameters()])

@@ -9,7 +9,6 @@ trainer asks the method registry for the method and never branches on its name.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import time
@@ -27,11 +26,11 @@ from ..runfolder import NonFiniteCheckpoint
 from ..runtime import DistributedContext, TrainingError, seed_everything
 from ..settings import RunConfig
 from . import guard, runfiles
-from .build import build, load_run_data
+from .build import autocast, build, load_run_data
 from .epoch_eval import EpochEvaluator, best_after
 from .guard import TrainingInterrupted
 from .schedule import learning_rate
-from .start import Resumable, decide, file_stamp_unchanged
+from .start import Resumable, changed_while_starting, decide
 from .state import Progress, RunInfo, dump, restore, rng_states
 from .tracking import SampleTracker
 
@@ -60,6 +59,7 @@ class Trainer:
                  overrides: dict | None = None, allow_data_change: bool = False, checkpoint_every_steps: int = 0,
                  loggers: tuple[str, ...] = (), resumable: Resumable | None = None):
         self.callbacks = log = callbacks or Callbacks()
+        config.validate()  # a wrong value is reported before anything else happens (torchrun's group included)
         if checkpoint_every_steps < 0:
             raise TrainingError(f"--checkpoint-every-steps must be >= 0, got {checkpoint_every_steps}")
         self.checkpoint_every_steps = checkpoint_every_steps
@@ -98,7 +98,10 @@ class Trainer:
             if self.lock.notice:
                 log.log(self.lock.notice)
         try:
-            file_stamp_unchanged(start.resumable)
+            # rank 0, which holds the lock, tells whether the run was written since it was read; all ranks agree
+            current = start.resumable is None or not self.ctx.is_main or start.resumable.still_current()
+            if not guard.all_agree(self.ctx, current):
+                raise changed_while_starting(start.resumable)
             if start.resumable is None:
                 for note in self.method.notes:
                     log.log(note)
@@ -113,9 +116,9 @@ class Trainer:
         if self.tracker is not None:
             for event in self.tracker.restore(self.folder.tracking, self.start_epoch - 1, self.callbacks.log):
                 self.start = self.start.with_event(*event)
-        partial = self.progress.partial
-        where = f"epoch {self.start_epoch}" + (f", step {partial['step']}" if partial else "")
-        self.callbacks.log(f"resumed from {resumable.path} at {where}")
+        self.start, partial = self.start.resumed(self.callbacks.log), self.progress.partial
+        self.callbacks.log(f"resumed from {resumable.path} at epoch {self.start_epoch}"
+                           + (f", step {partial['step']}" if partial else ""))
 
     # The parts, by name (tests, benchmarks and the CLI read them).
     model = property(lambda self: self.parts.model)
@@ -147,9 +150,7 @@ class Trainer:
         self.stop_reason = reason
 
     def autocast(self):
-        if self.config.bf16:
-            return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.config, self.ctx)
 
     def evaluate_epoch(self, record: dict) -> None:
         """Test clean and PGD accuracy (and, optionally, on training points), split over ranks."""

@@ -17,7 +17,7 @@ from typing import Callable
 
 import timm
 
-from ..atomic import check_writable_folder
+from ..atomic import WriteError, check_writable_folder
 from ..methods import TrainingSetup, get_method
 from ..models import UnknownModelError, model_names
 from ..runfolder import RunFolder, RunFolderError
@@ -39,21 +39,32 @@ def resolved_method_settings(config: RunConfig) -> dict:
     return dict(get_method(config.method)(method_setup(config, 1, 10), **config.method_args).settings)
 
 
-def _stamp(path: Path) -> tuple[int, int, int]:
-    info = path.stat()
-    return info.st_ino, info.st_mtime_ns, info.st_size
+def _stamp(folder: RunFolder) -> tuple:
+    """What identifies the versions of the resumable checkpoints (``last.pt`` and ``last-prev.pt``):
+    another writer changes one of them (or its presence) whatever it does."""
+    stamps = []
+    for path in (folder.last, folder.previous):
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            stamps.append(None)
+            continue
+        stamps.append((info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size))
+    return tuple(stamps)
 
 
 @dataclass(frozen=True)
 class Resumable:
-    """The checkpoint a run resumes from, read once. ``folder`` is the RunFolder that read it (it
-    knows which checkpoint is good); ``stamp`` tells whether the file changed since."""
+    """The checkpoint a run resumes from, read once (before the run folder's lock is taken, so that
+    every check fails before any data is loaded). ``folder`` is the RunFolder that read it (it knows
+    which checkpoint is good); ``stamp`` identifies both resumable files as they were read, so that
+    a write by another process in between is seen once the lock is held (:func:`unchanged_since`)."""
 
     folder: RunFolder
     path: Path
     state: dict
     passed_over: str | None  # why a newer checkpoint was passed over (a fallback), or None
-    stamp: tuple[int, int, int]
+    stamp: tuple
 
     @property
     def saved_config(self) -> dict:
@@ -74,9 +85,9 @@ class Resumable:
         return partial["epoch"] - 1 if partial else self.state["epoch"]
 
     def still_current(self) -> bool:
-        """Whether the file read is still the file on disk (no other process wrote the run since)."""
+        """Whether both resumable files are as they were read (no other process wrote the run since)."""
         try:
-            return _stamp(self.path) == self.stamp
+            return _stamp(self.folder) == self.stamp
         except OSError:
             return False
 
@@ -86,8 +97,9 @@ def open_resumable(run_dir: str | Path) -> Resumable:
     folder = RunFolder(run_dir)
     if not folder.holds_run():
         raise TrainingError(f"--resume: {folder.last} not found (nothing to resume)")
+    stamp = _stamp(folder)  # before the read: a write during it shows as a change
     path, state, passed_over = folder.load_resumable()
-    return Resumable(folder, path, state, passed_over, _stamp(path))
+    return Resumable(folder, path, state, passed_over, stamp)
 
 
 def _hyperparameters(method: str) -> dict:
@@ -118,6 +130,13 @@ def resume_config(run_dir: str | Path, overrides: dict | None = None, *, given: 
 
         config, _ = resume_config("runs/x", {"epochs": 13})
         Trainer(config, "runs/x", resume=True, overrides={"epochs": 13}).fit()
+
+    which reads the checkpoint twice (here, then in the trainer); to read it once, as ``at-mem train
+    --resume`` does, keep what was read::
+
+        resumable = open_resumable("runs/x")
+        config, _ = settings_to_resume(resumable, {"epochs": 13})
+        Trainer(config, "runs/x", resume=True, overrides={"epochs": 13}, resumable=resumable).fit()
     """
     return settings_to_resume(open_resumable(run_dir), overrides, given=given, given_method=given_method)
 
@@ -144,11 +163,10 @@ class Start:
                                    rewrite_config=self.rewrite_config or rewrite_config)
 
     def with_data(self, fingerprint: str, allow_data_change: bool, log: Log) -> "Start":
-        """The data check of a resume (the fingerprint is known once the data are loaded), then the
-        saved record of derived settings and the resume itself."""
+        """The data check of a resume (the fingerprint is known once the data are loaded)."""
         if self.resumable is None:
             return self
-        start, state, path = self, self.resumable.state, self.resumable.path
+        start, state = self, self.resumable.state
         saved = state.get("data_fingerprint")
         if saved is None:
             log("note: this run predates data fingerprints; the training data are not checked")
@@ -162,6 +180,13 @@ class Start:
                 f"fingerprint {saved[:12]} -> {fingerprint[:12]}")
             start = start.with_event("data-change", {"epoch": state["epoch"] + 1, "fingerprint": [saved, fingerprint]},
                                      rewrite_config=True)
+        return start
+
+    def resumed(self, log: Log) -> "Start":
+        """The resume takes effect (the lock is held, the state restored): the saved record of which
+        settings were derived (config.json, rewritten from the checkpoint if unreadable), then the
+        resume's own event."""
+        start, state, path = self, self.resumable.state, self.resumable.path
         try:
             derived = start.folder.read_config().get("derived")
             if isinstance(derived, list):
@@ -178,7 +203,7 @@ def _derived_names(config: RunConfig) -> tuple[str, ...]:
     """The settings an unresolved config leaves to their derivation, the method's included."""
     return tuple(config.derived_names() + sorted(
         h.name for h in get_method(config.method).hyperparameters
-        if h.default is None and config.method_args.get(h.name) is None))
+        if h.derived is not None and config.method_args.get(h.name) is None))
 
 
 def decide(config: RunConfig, out_dir: str | Path, *, resume: bool, resumable: Resumable | None = None,
@@ -191,8 +216,13 @@ def decide(config: RunConfig, out_dir: str | Path, *, resume: bool, resumable: R
     if overrides and not resume:
         raise TrainingError("--override applies to --resume only; for a new run give the setting as its own option")
     folder = resumable.folder if resumable is not None else RunFolder(out_dir)
+    if resumable is not None and Path(out_dir).resolve() != folder.path.resolve():
+        raise TrainingError(f"the checkpoint given to resume is {resumable.path}, which is not in {out_dir}")
     # Before minutes of data loading: a folder we cannot write, or one another process writes.
-    check_writable_folder(folder.path, "--out")
+    try:
+        check_writable_folder(folder.path, "--out")
+    except WriteError as error:  # the trainer's callers catch TrainingError
+        raise TrainingError(str(error)) from None
     if is_main:  # under torchrun, rank 0 holds the lock for all ranks
         folder.check_free()
     if resume and not folder.holds_run():
@@ -240,18 +270,19 @@ def _check_against_saved(config: RunConfig, method_settings: dict, resumable: Re
     given_method = {k: v for k, v in method_settings.items() if k in saved_method}
     applied = {k: (method_settings[k] if k in hyperparameters else current[k]) for k in overrides}
     try:
-        _, changes = resume_settings(saved, saved_method, given, given_method, applied, hyperparameters)
+        _, changes = resume_settings(saved, saved_method, given, given_method, applied, hyperparameters,
+                                     complete=True)
     except SettingError as error:  # the trainer's callers catch TrainingError; the message is the rule's
         raise TrainingError(str(error)) from None
     return changes
 
 
-def file_stamp_unchanged(resumable: Resumable | None) -> None:
-    """After taking the lock: refuse when another process rewrote the checkpoint read before it."""
-    if resumable is not None and not resumable.still_current():
-        raise TrainingError(f"{resumable.path} changed while this process was starting (another process wrote "
-                            f"the run); run the same command again")
+def changed_while_starting(resumable: Resumable) -> TrainingError:
+    """The refusal when another process wrote the run between the read and the lock: nothing is lost
+    (this process has written nothing), and the same command then reads the new checkpoint."""
+    return TrainingError(f"{resumable.folder.path} was written by another process while this one was starting "
+                         f"(after it read {resumable.path.name}); run the same command again")
 
 
 __all__ = ["Resumable", "Start", "decide", "open_resumable", "settings_to_resume", "resume_config",
-           "resolved_method_settings", "method_setup", "file_stamp_unchanged"]
+           "resolved_method_settings", "method_setup", "changed_while_starting"]

@@ -59,9 +59,11 @@ def awp_weight_names(model: torch.nn.Module) -> list[str]:
 AWP_HYPERPARAMETERS = (
     Hyperparameter("awp_gamma", float, None, "AWP: size of the weight perturbation relative to each layer's weight "
                    "norm, 0 for none (the reference's: 0.01 for pgd-at-awp and pgd-at-te-awp, 0.005 for trades-awp)",
-                   minimum=0.0),
+                   minimum=0.0, derived=lambda values: float(getattr(values["method"], "awp_default_gamma", 0.01))),
     Hyperparameter("awp_warmup", int, None, "AWP: epochs trained without it before it starts (the reference's: 0; "
-                   "trades-awp: 9 of 200 epochs, 4.5% of other lengths rounded down)", minimum=0),
+                   "trades-awp: 9 of 200 epochs, 4.5% of other lengths rounded down)", minimum=0,
+                   # warm-up epochs of a 200-epoch run; other lengths get the same fraction, rounded down
+                   derived=lambda values: getattr(values["method"], "awp_default_warmup", 0) * values["epochs"] // 200),
 )
 
 
@@ -81,18 +83,12 @@ class AdversarialWeightPerturbation(Extension):
     def __init__(self, method):
         super().__init__(method)
         setup, h, name = method.setup, method.settings, method.name
-        # Warm-up epochs of a 200-epoch run; other lengths get the same fraction, rounded down.
-        default_gamma = getattr(method, "awp_default_gamma", 0.01)
-        default_warmup = getattr(method, "awp_default_warmup", 0)
         # The proxy's SGD learning rate. The rescaling to ||w|| cancels it (up to rounding).
         self.proxy_lr = getattr(method, "awp_proxy_lr", 0.01)
-        if h["awp_gamma"] is None:
-            h["awp_gamma"] = float(default_gamma)
-        if h["awp_warmup"] is None:
-            h["awp_warmup"] = default_warmup * setup.epochs // 200
-            if h["awp_warmup"] != default_warmup:
-                method.notes.append(f"AWP: {setup.epochs} epochs, so AWP starts at epoch {h['awp_warmup'] + 1} "
-                                    f"(the reference's {default_warmup + 1} of 200)")
+        default_warmup = getattr(method, "awp_default_warmup", 0)
+        if "awp_warmup" in method.derived and h["awp_warmup"] != default_warmup:
+            method.notes.append(f"AWP: {setup.epochs} epochs, so AWP starts at epoch {h['awp_warmup'] + 1} "
+                                f"(the reference's {default_warmup + 1} of 200)")
         gamma, warmup = h["awp_gamma"], h["awp_warmup"]
         if gamma > 0 and warmup >= setup.epochs:
             raise MethodError(f"{name}: AWP starts after {warmup} epochs (--awp-warmup) but the run has "

@@ -18,7 +18,7 @@ from at_memorization.methods.pgd_at import PGDAT
 from at_memorization.methods.trades import TRADES
 from at_memorization.runtime import eval_mode
 
-from .loss import TELoss, default_schedule, te_penalty  # noqa: F401  (default_schedule: API)
+from .loss import TELoss, default_schedule, te_penalty
 
 
 class TemporalEnsembling(Extension):
@@ -34,22 +34,18 @@ class TemporalEnsembling(Extension):
         Hyperparameter("te_weight", float, 300.0, "TE: maximum weight of the penalty (the logged te_weight_now "
                        "is the ramped weight of the epoch)", minimum=0.0),
         Hyperparameter("te_start", int, None, "TE: first epoch of the ensemble and penalty (200 epochs: 90; else "
-                       "round(0.45*epochs))", minimum=1),
+                       "round(0.45*epochs))", minimum=1, derived=lambda values: default_schedule(values["epochs"])[0]),
         Hyperparameter("te_end", int, None, "TE: epoch where the weight reaches its maximum (200 epochs: 150; else "
-                       "round(0.75*epochs))", minimum=1),
+                       "round(0.75*epochs))", minimum=1, derived=lambda values: default_schedule(values["epochs"])[1]),
     )
 
     def __init__(self, method):
         super().__init__(method)
         setup, h, name = method.setup, method.settings, method.name
-        start, end = h["te_start"], h["te_end"]
-        if start is None or end is None:
-            default_start, default_end = default_schedule(setup.epochs)
-            if start is None and end is None and setup.epochs != 200:
-                method.notes.append(f"TE: {setup.epochs} epochs, so the ensemble starts at epoch {default_start} "
-                                    f"(45%) and its weight peaks at epoch {default_end} (75%)")
-            h["te_start"] = start = default_start if start is None else start
-            h["te_end"] = end = default_end if end is None else end
+        start, end = h["te_start"], h["te_end"]  # given, or derived from the run's epochs (hyperparameters)
+        if {"te_start", "te_end"} <= set(method.derived) and setup.epochs != 200:
+            method.notes.append(f"TE: {setup.epochs} epochs, so the ensemble starts at epoch {start} "
+                                f"(45%) and its weight peaks at epoch {end} (75%)")
         if start > setup.epochs:
             raise MethodError(f"{name}: TE starts at epoch {start} (--te-start) but the run has {setup.epochs} "
                               f"epochs, so TE would never switch on; use --te-start <= {setup.epochs}")
