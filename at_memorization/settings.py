@@ -321,7 +321,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Every value's type and bounds, as declared; SettingError (one line) for the first wrong one."""
-        config = self.resolve()
+        config = self.resolve() if self.derived_names() else self  # a resolved config is checked as it is
         for setting in RUN_SETTINGS:
             setting.coerce(getattr(config, setting.name))
         if not isinstance(config.method_args, dict):
