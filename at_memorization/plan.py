@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .records import ATTACK_NAMES, CHECKPOINT_NAMES
 from .runfolder import read_text
-from .settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings
+from .settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings, spelled_once
 from .user_errors import UserError
 
 PLAN_KEYS = {"name", "description", "base", "methods", "seeds", "device", "settings", "arms", "evaluate", "report"}
@@ -128,6 +128,21 @@ def _read_toml(path: Path, what: str) -> dict:
         raise PlanError(f"{what} {path}: not valid TOML ({str(error).splitlines()[0]})") from None
 
 
+def _spelled_once(table: dict, where: str) -> dict:
+    try:
+        return spelled_once(table, where)
+    except SettingError as error:
+        raise PlanError(str(error)) from None
+
+
+def _given_once_beside(table: dict, method_args: dict, where: str) -> dict:
+    """``method_args``, after refusing a setting given both in ``table`` and in its method_args."""
+    both = sorted(set(table) & set(method_args))
+    if both:
+        raise PlanError(f"{where}: {both[0]!r} is given both beside method_args and in it; give it once")
+    return method_args
+
+
 def _base_settings(plan_path: Path, base: str) -> dict:
     """The base config's settings: a path relative to the plan file (or to the working folder)."""
     candidates = [plan_path.parent / base, Path(base)]
@@ -174,11 +189,19 @@ def read_plan(path: str | Path, *, methods: dict | None = None) -> Plan:
     if "base" in raw:
         if not isinstance(raw["base"], str):
             raise PlanError(f"{_where(path, 'base')} must be the path of a config file")
-        common.update(_base_settings(path, raw["base"]))
+        common.update(_spelled_once(_base_settings(path, raw["base"]), f"{_where(path, 'base')}"))
     settings_table = raw.get("settings", {})
     if not isinstance(settings_table, dict):
         raise PlanError(f"{_where(path, 'settings')} must be a table of run settings")
+    # [settings] wins over the base config, whichever spelling each uses
+    settings_table = _spelled_once(settings_table, _where(path, "settings"))
     common.update(settings_table)
+    common_method_args = common.pop("method_args", None) or {}
+    if not isinstance(common_method_args, dict):
+        raise PlanError(f"{_where(path, 'settings.method_args')} must be a table of a method's settings")
+    common_method_args = _given_once_beside(settings_table, _spelled_once(common_method_args,
+                                                                          _where(path, "settings.method_args")),
+                                            _where(path, "settings"))
     for key in ("method", "seed"):
         if key in common:
             raise PlanError(f"{_where(path, key)}: the plan's `methods`/[arms] and `seeds` set it, not [settings] "
@@ -192,9 +215,9 @@ def read_plan(path: str | Path, *, methods: dict | None = None) -> Plan:
             hyperparameters.setdefault(h.name, h)
     # A method setting in [settings] applies to the arms whose method has it; one that no arm's
     # method has is a mistake (a typo, or a setting of a method the plan does not train).
-    for key in common:
+    for key in [*common, *common_method_args]:
         normal = key.replace("-", "_")
-        if normal in SETTINGS_BY_NAME or normal == "method_args":
+        if normal in SETTINGS_BY_NAME:
             continue
         if normal not in hyperparameters:
             raise PlanError(f"{_where(path, 'settings')}: unknown setting {key!r} (see `at-mem train --help`)")
@@ -207,10 +230,19 @@ def read_plan(path: str | Path, *, methods: dict | None = None) -> Plan:
             if arm.seeds is not None and seed not in arm.seeds:
                 continue
             accepted = {h.name: h for h in methods[arm.method].hyperparameters}
-            values = {k: v for k, v in common.items()
-                      if k.replace("-", "_") in SETTINGS_BY_NAME or k.replace("-", "_") in accepted}
-            values.update(arm.settings)
+            values = {k: v for k, v in common.items() if k in SETTINGS_BY_NAME or k in accepted}
             source = f"{path} (arm {arm.name})"
+            # an arm's settings win over [settings], whichever spelling each uses
+            arm_settings = _spelled_once(dict(arm.settings), source)
+            arm_method_args = arm_settings.pop("method_args", None) or {}
+            if not isinstance(arm_method_args, dict):
+                raise PlanError(f"{source}: method_args must be a table of a method's settings")
+            arm_method_args = _given_once_beside(arm_settings, _spelled_once(arm_method_args, source), source)
+            # [settings.method_args] applies to the arms whose method has each setting, as [settings] does;
+            # a method_args table is one more place for the same settings (read_settings reads them alike)
+            values.update({k: v for k, v in common_method_args.items() if k in SETTINGS_BY_NAME or k in accepted})
+            values.update(arm_settings)
+            values.update(arm_method_args)
             try:
                 given, given_method = read_settings(values, accepted, source)
                 given.update(method=arm.method, seed=seed)

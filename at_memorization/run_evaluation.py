@@ -18,7 +18,7 @@ from .checkpoint import build_model_from_checkpoint, load_checkpoint, run_settin
 from .data import load_split
 from . import evaluation
 from .progress import Progress
-from .records import CHECKPOINT_NAMES, eval_record, merge_eval_records
+from .records import CHECKPOINT_NAMES, eval_record
 from .runfolder import RunFolder, RunFolderError
 from .user_errors import UserError
 
@@ -148,8 +148,8 @@ def evaluate_run(run_dir: str | Path, options: EvaluationOptions,
             options.log(f"{checkpoint.name} (epoch {state.get('epoch')}):")
             record = evaluate_checkpoint(state, checkpoint, options)
         done[name] = record
-        merged, replaced = merge_eval_records(previous[name], record, requested=options.attacks)
+        # merged into the file as it is now: another evaluation of this run may have written it since
+        _, replaced = folder.merge_eval(name, record, requested=options.attacks)
         if replaced:
             options.log(f"{folder.eval_path(name)}: {replaced}; overwriting it")
-        folder.write_eval(name, merged)
     return done

@@ -29,12 +29,18 @@ Guarantees (each tested in tests/test_settings_and_run_folder.py and tests/test_
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 from pathlib import Path
 
-from .records import CHECKPOINT_NAMES
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent merges of one eval record are not serialized
+    fcntl = None
+
+from .records import CHECKPOINT_NAMES, merge_eval_records
 from .atomic import link_or_copy, write_text_atomic
 from .runlock import LOCK_NAME, RunLock, check_free
 from .user_errors import UserError
@@ -187,6 +193,30 @@ class RunFolder:
 
     def write_eval(self, which: str, record: dict) -> None:
         write_text_atomic(json.dumps(record, indent=2) + "\n", self.eval_path(which))
+
+    def merge_eval(self, which: str, record: dict, requested=None) -> tuple[dict, str | None]:
+        """Merge ``record`` into ``eval/<which>.json`` as it is now (``records.merge_eval_records``),
+        reading, merging and writing under an exclusive lock: two evaluations of one run at once
+        (two ``at-mem evaluate RUN``) each add their results, neither drops the other's. Returns the
+        merged record and why an earlier one was replaced (or None)."""
+        with self._eval_lock(which):
+            merged, replaced = merge_eval_records(self.read_eval(which), record, requested=requested)
+            self.write_eval(which, merged)
+        return merged, replaced
+
+    @contextlib.contextmanager
+    def _eval_lock(self, which: str):
+        """An exclusive ``flock`` of ``eval/.lock.<which>`` for the few milliseconds of a merge (the
+        kernel releases it if the holder dies; the file stays, ignored like the run's own lock)."""
+        self.eval_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.eval_dir / f"{LOCK_NAME}.{which}", "a") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ history.jsonl
     def record_event(self, event: str, **details) -> None:

@@ -349,6 +349,23 @@ RECORD_ONLY = ("device", "world_size")
 
 
 # --------------------------------------------------------------------------- reading settings
+def _given_once(keys, source: str) -> None:
+    """Refuse a key given twice (``train_size`` and ``train-size``): neither may silently win."""
+    seen: dict[str, Any] = {}
+    for key in keys:
+        name = str(key).replace("-", "_")
+        if name in seen:
+            raise SettingError(f"{source}: {seen[name]!r} and {key!r} are one setting; give it once")
+        seen[name] = key
+
+
+def spelled_once(table: dict, source: str) -> dict:
+    """``table`` with its keys written with underscores (``train-size`` -> ``train_size``), after
+    refusing one key in two spellings."""
+    _given_once(table, source)
+    return {str(key).replace("-", "_"): value for key, value in table.items()}
+
+
 def read_settings(raw: dict, hyperparameters: dict[str, Setting], source: str) -> tuple[dict, dict]:
     """A table of settings (a TOML file, a config.json's "config", ``--override`` pairs already read)
     as (run settings, method settings), each value checked strictly against its declaration.
@@ -362,6 +379,7 @@ def read_settings(raw: dict, hyperparameters: dict[str, Setting], source: str) -
         raise SettingError(f"{source}: method_args must be a table of a method's settings")
     run_values: dict[str, Any] = {}
     method_values: dict[str, Any] = {}
+    _given_once([*raw, *method_table], source)  # also one both beside method_args and in it
     for key, value in [*raw.items(), *method_table.items()]:
         name = str(key).replace("-", "_")
         setting = SETTINGS_BY_NAME.get(name) or hyperparameters.get(name)
