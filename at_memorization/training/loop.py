@@ -243,11 +243,12 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict:
         """One epoch of training; raises TrainingInterrupted (after saving last.pt) on a requested stop."""
-        config, ctx, method = self.config, self.ctx, self.method
+        config, ctx, parts = self.config, self.ctx, self.parts  # the step reads the parts directly (hot path)
+        method, model, optimizer = parts.method, parts.model, parts.optimizer
         partial = self.progress.partial if self.progress.partial and self.progress.partial["epoch"] == epoch else None
         self.progress.partial = None
         lr = learning_rate(config, epoch)
-        for group in self.optimizer.param_groups:
+        for group in optimizer.param_groups:
             group["lr"] = lr
         record = {"epoch": epoch, "lr": lr}
         record.update(method.on_epoch_start(epoch))
@@ -271,7 +272,7 @@ class Trainer:
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         start = time.perf_counter()
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
         if self.tracker is not None:
             self.tracker.begin_epoch(epoch, partial.get("track") if partial is not None else None)
         # One copy of the epoch's order to the device; batches are views of it.
@@ -280,21 +281,21 @@ class Trainer:
         for step, index in enumerate(device_batches):
             if step < first_step:
                 continue
-            if self.cuda_graphs:  # a new iteration: the previous step's graph outputs may be reused
+            if parts.cuda_graphs:  # a new iteration: the previous step's graph outputs may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             x, y, index = self.prepare_batch(index, generator)
             with self.autocast():
-                x_adv = method.attack(self.attack_model, x, y, index, epoch)
-            self.train_model.train()
-            method.before_loss(self.model, x, x_adv, y, index, epoch)
+                x_adv = method.attack(parts.attack_model, x, y, index, epoch)
+            parts.train_model.train()
+            method.before_loss(model, x, x_adv, y, index, epoch)
             with self.autocast():
-                loss, logs = method.loss(self.train_model, x, x_adv, y, index, epoch)
-            self.optimizer.zero_grad(set_to_none=True)
+                loss, logs = method.loss(parts.train_model, x, x_adv, y, index, epoch)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
                 [p.grad for p in params if p.grad is not None])))
-            method.before_step(self.model, self.optimizer, epoch)
-            self.optimizer.step()
+            method.before_step(model, optimizer, epoch)
+            optimizer.step()
             n = torch.full((), float(len(y)), device=ctx.device)  # a fill, not a host-to-device copy
             add("train_loss", loss, n)
             add("grad_norm", grad_norm, 1.0)
@@ -303,7 +304,7 @@ class Trainer:
             for name, value in logs.items():
                 add(name, value, n)
             if self.tracker is not None:
-                self.tracker.record(self.model, self.autocast, x_adv, y, index)
+                self.tracker.record(model, self.autocast, x_adv, y, index)
             self.callbacks.step()
             done = step + 1
             if done == total:
@@ -319,7 +320,7 @@ class Trainer:
         if ctx.enabled:
             # BatchNorm running statistics drift apart per rank (each sees its own shard); keep rank
             # 0's, which the checkpoint holds, so evaluation agrees and a resumed run is exact.
-            for buffer in self.model.buffers():
+            for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)

@@ -283,6 +283,3 @@ def changed_while_starting(resumable: Resumable) -> TrainingError:
     return TrainingError(f"{resumable.folder.path} was written by another process while this one was starting "
                          f"(after it read {resumable.path.name}); run the same command again")
 
-
-__all__ = ["Resumable", "Start", "decide", "open_resumable", "settings_to_resume", "resume_config",
-           "resolved_method_settings", "method_setup", "changed_while_starting"]
