@@ -93,7 +93,9 @@ class PenalizedPGD(_InputGradientsOnly, torchattacks.PGD):
         return labels.clone().detach().to(self.device)
 
     def _random_start(self, images: torch.Tensor) -> torch.Tensor:
-        if self.norm == "Linf":
+        if self.norm == "Linf" and isinstance(self.eps, torch.Tensor):  # one radius per channel (TEPGD)
+            start = images + torch.empty_like(images).uniform_(-1.0, 1.0) * self.eps
+        elif self.norm == "Linf":
             start = images + torch.empty_like(images).uniform_(-self.eps, self.eps)
         else:
             # L2: a uniform direction with a radius in [0, eps], as torchattacks' PGDL2.
@@ -144,6 +146,32 @@ class CWLinf(PenalizedPGD):
         return (-margins(logits.float(), labels)).clamp(max=self.kappa).mean()
 
 
+def trades_attack_loss(kl_sum: torch.Tensor, logits_adv: torch.Tensor, beta: float, penalty: Penalty = None
+                       ) -> torch.Tensor:
+    """The loss TRADES' attack maximizes, with a penalty as the paper's ``TRADES_TE`` adds it.
+
+    ``kl_sum`` (TRADES' ``KLDivLoss(size_average=False)``, summed over the batch) alone while there
+    is no penalty, or the penalty is inactive (a TE penalty before its start: ``penalty.active`` is
+    False); else ``(beta / B) * kl_sum + penalty(logits_adv)``, B the batch size. The scaling keeps
+    the penalty's share of the attack's gradient what it is in the official code; leaving it out
+    weakens the penalty by ``B / beta``.
+
+    Parameters
+    ----------
+    kl_sum : Tensor
+        ``KL(p_clean || p_adv)`` summed over the batch (``nn.KLDivLoss(reduction="sum")``).
+    logits_adv : Tensor
+        ``(batch, classes)`` logits of the adversarial batch (what ``kl_sum`` was computed from).
+    beta : float
+        TRADES' robustness weight (the paper: 6).
+    penalty : callable, optional
+        ``penalty(logits)``, e.g. ``TELoss.attack_penalty(index, epoch)``; None: no penalty.
+    """
+    if penalty is None or not getattr(penalty, "active", True):
+        return kl_sum
+    return beta / logits_adv.shape[0] * kl_sum + penalty(logits_adv)
+
+
 class PenalizedTPGD(PenalizedPGD):
     """TRADES' attack: maximize ``(beta/B) * KL_sum(adv || clean) + penalty(adv logits)``.
 
@@ -175,7 +203,7 @@ class PenalizedTPGD(PenalizedPGD):
 
     def _inner_loss(self, logits, target, penalty):
         cost = F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="sum")
-        return cost if penalty is None else self.beta / logits.shape[0] * cost + penalty(logits)
+        return trades_attack_loss(cost, logits, self.beta, penalty)
 
     def _step(self, adv_images, images, grad):
         if self.norm == "Linf":

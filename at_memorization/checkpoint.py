@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,9 @@ def save_atomic(obj, path: str | Path) -> None:
 def _torch_load(path: Path, map_location, what: str):
     """``torch.load(weights_only=True)``, every failure a one-line CheckpointError."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle (not torch.save's): the error below is the one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # torch wraps both garbage bytes ("Unsupported operand ...") and disallowed classes in
         # UnpicklingError: tell them apart. Disallowed classes read "Unsupported global: GLOBAL
@@ -272,16 +275,22 @@ def load_labels(path: str | Path, num_samples: int | None = None) -> dict:
     return labels
 
 
+def load_initial_weights(path: str | Path) -> dict:
+    """A run's init.pt (the model's state dict before training, for distances from it), or a one-line
+    CheckpointError; whether it fits a model is the caller's to check."""
+    return _load_dict(Path(path), "weights", "the model's tensors")
+
+
 TRACKING_ENTRIES = {"adv_correct": torch.uint8, "adv_loss": torch.float16}  # shape (epochs, samples)
 TRACKING_OPTIONAL = {"recorded": torch.uint8}  # shape (epochs,)
 
 
-def load_tracking(path: str | Path, epochs: int | None, num_samples: int) -> dict:
+def load_tracking(path: str | Path, epochs: int | None, num_samples: int | None) -> dict:
     """A run's tracking.pt (``--track-samples``), checked, or a one-line CheckpointError.
 
     Expected: ``adv_correct`` (uint8) and ``adv_loss`` (float16), both of shape
-    ``(epochs, num_samples)``; optionally ``recorded`` (uint8, shape ``(epochs,)``). ``epochs=None``:
-    any number of epochs (the same in every entry).
+    ``(epochs, num_samples)``; optionally ``recorded`` (uint8, shape ``(epochs,)``). ``epochs=None``,
+    ``num_samples=None``: any number (the same in every entry).
     """
     path = Path(path)
     tracked = _load_dict(path, "tracking", ", ".join(TRACKING_ENTRIES))
@@ -291,8 +300,9 @@ def load_tracking(path: str | Path, epochs: int | None, num_samples: int) -> dic
     unexpected = [key for key in tracked if key not in TRACKING_ENTRIES and key not in TRACKING_OPTIONAL]
     if unexpected:
         raise CheckpointError(f"{path}: tracking file has an unexpected entry {unexpected[0]!r}")
-    if epochs is None and isinstance(tracked["adv_correct"], torch.Tensor) and tracked["adv_correct"].dim() == 2:
-        epochs = tracked["adv_correct"].shape[0]
+    if isinstance(tracked["adv_correct"], torch.Tensor) and tracked["adv_correct"].dim() == 2:
+        epochs = tracked["adv_correct"].shape[0] if epochs is None else epochs
+        num_samples = tracked["adv_correct"].shape[1] if num_samples is None else num_samples
     for key, value in tracked.items():
         dtype = {**TRACKING_ENTRIES, **TRACKING_OPTIONAL}[key]
         shape = (epochs, num_samples) if key in TRACKING_ENTRIES else (epochs,)

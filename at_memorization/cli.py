@@ -14,6 +14,7 @@ from the method classes. tests/test_cli_startup.py checks that torch stays out o
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -85,6 +86,43 @@ def resolved_method_settings(config) -> dict:
     from .training import resolved_method_settings as resolve
 
     return resolve(config)
+
+
+def with_threads(config):
+    """A new run's settings with its thread count (--print-config; imports training, and torch)."""
+    from .training import with_threads as fill
+
+    return fill(config)
+
+
+def _one_failure_for_all(command):
+    """A multi-process run (torchrun, srun) ends as one: the process that fails tells the others
+    (``runtime.report_failure``; they stop within a second with its message), and a process whose
+    collective broke because another one failed prints that one's line instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        launched = os.environ.get("WORLD_SIZE") or (os.environ.get("SLURM_NTASKS", "1") if "SLURM_STEP_ID" in
+                                                     os.environ else "1")  # torchrun's, or srun's tasks
+        if int(launched or "1") <= 1:  # one process: nothing to tell (and no torch import for a quick refusal)
+            return command(*args, **kwargs)
+        from .runtime import peer_failure, report_failure
+
+        try:
+            return command(*args, **kwargs)
+        except click.ClickException as error:  # one line already: a user's mistake, a refusal
+            report_failure(error.format_message())
+            raise
+        except Exception as error:
+            # a collective broken by another process's end (gloo: "Connection closed by peer"): its
+            # message, which may still be on its way, says what happened
+            failure = peer_failure(wait_s=2.0) if isinstance(error, RuntimeError) else None
+            if failure is not None:
+                raise click.ClickException(f"{failure}; this process stops too") from None
+            report_failure(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            raise
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------- methods, models
@@ -235,6 +273,7 @@ class _ProgressCallbacks:
               help="Also log to TensorBoard (RUN/tensorboard/) or Weights & Biases (repeatable; pip install "
                    "\".[tensorboard]\" or \".[wandb]\"); metrics.jsonl stays the record, a logger failure is a warning.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@_one_failure_for_all
 @_user_errors
 def train_command(out_dir, config_file, print_config, resume, overrides, allow_data_change,
                   checkpoint_every_steps, device, quiet, loggers, **options):
@@ -286,17 +325,23 @@ def train_command(out_dir, config_file, print_config, resume, overrides, allow_d
         config = RunConfig(**given, method_args=given_method)
         config.validate()
     if print_config:
-        resolved = config.resolve()
-        click.echo(json.dumps({"config": resolved.to_dict(), "method": resolved_method_settings(resolved),
-                               "derived": config.derived_names()}, indent=2))
+        resolved = with_threads(config.resolve())  # as the run would record them
+        method_settings = resolved_method_settings(resolved)
+        click.echo(json.dumps({"config": {**resolved.to_dict(), "method_args": method_settings},
+                               "method": method_settings,
+                               "derived": config.derived_names() + ([] if config.threads else ["threads"])},
+                              indent=2))
         return
     resolved = config.resolve()
     out_dir = Path(out_dir or f"runs/{resolved.method}-{resolved.dataset}-{resolved.model}-s{resolved.seed}")
     callbacks = _ProgressCallbacks(quiet)
     with _stop_on_signals() as stop:
-        trainer = Trainer(config, out_dir, device=device, resume=resume, callbacks=callbacks,
-                          overrides=override_values, allow_data_change=allow_data_change,
-                          checkpoint_every_steps=checkpoint_every_steps, loggers=loggers, resumable=resumable)
+        try:
+            trainer = Trainer(config, out_dir, device=device, resume=resume, callbacks=callbacks,
+                              overrides=override_values, allow_data_change=allow_data_change,
+                              checkpoint_every_steps=checkpoint_every_steps, loggers=loggers, resumable=resumable)
+        except StoppedBeforeStart as stopped:
+            raise TrainingInterruptedBeforeStart(stopped.name, stopped.signum) from None
         if trainer.start_epoch > resolved.epochs:
             repaired = trainer.repair_finished_metrics()
             trainer.shutdown()
@@ -363,7 +408,7 @@ class _SignalStop:
         self.signum = signum
         name = signal.Signals(signum).name
         if self.trainer is None:  # still loading: nothing to save
-            raise TrainingInterruptedBeforeStart(name, signum)
+            raise StoppedBeforeStart(name, signum)
         if self.done:  # already stopping and reporting: nothing more to do
             return
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
@@ -377,6 +422,15 @@ class _SignalStop:
         self.done = True
         if self.signum is not None:
             signal.signal(signal.SIGINT, self)
+
+
+class StoppedBeforeStart(BaseException):
+    """A signal while the run was still starting (data loading, a download): a BaseException, as
+    KeyboardInterrupt, so that no loader's ``except Exception`` turns the stop into a load error."""
+
+    def __init__(self, name, signum):
+        super().__init__(name)
+        self.name, self.signum = name, signum
 
 
 class TrainingInterruptedBeforeStart(click.ClickException):
@@ -496,6 +550,7 @@ def evaluate_command(checkpoint, attacks, n_examples, checkpoint_names, dataset,
         raise click.ClickException(f"--checkpoints applies to a run folder only; {checkpoint} is not a folder")
     if eps is not None and eps < 0:
         raise click.ClickException(f"eps must be >= 0, got {eps}")
+    SETTINGS_BY_NAME["seed"].check(seed)  # the run setting's bounds: a one-line SettingError
     if n_examples <= 0:
         raise click.ClickException(f"--n-examples must be positive, got {n_examples}")
     if batch_size is not None and batch_size <= 0:

@@ -471,6 +471,24 @@ class DataBundle:
     clean_train_labels: torch.Tensor  # before label noise, for analysis
 
 
+def _folders_near(data_dir: Path) -> set[Path]:
+    """The folders that exist at ``data_dir``, its parents and two levels below it (where torchvision's
+    downloads create theirs, e.g. ``MNIST/raw``)."""
+    near = {parent for parent in (data_dir, *data_dir.parents) if parent.is_dir()}
+    if data_dir.is_dir():
+        near.update(path for pattern in ("*", "*/*") for path in data_dir.glob(pattern) if path.is_dir())
+    return near
+
+
+def _remove_new_empty_folders(data_dir: Path, before: set[Path]) -> None:
+    """Remove the folders a failed load created (deepest first), where they are empty."""
+    for folder in sorted(_folders_near(data_dir) - before, key=lambda path: len(path.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else is in it): not ours to remove
+            pass
+
+
 def load_split(name: str, data_dir: str | Path, *, train: bool, size: int | None = None,
                download: bool = True) -> IndexedDataset:
     """One split, cut to its first ``size`` points (RobustBench evaluates the first N test points)."""
@@ -483,7 +501,12 @@ def load_split(name: str, data_dir: str | Path, *, train: bool, size: int | None
     if name == "imagefolder":  # decode only what is used
         images, labels, classes = _load_imagefolder(data_dir, train, download, size)
     else:
-        images, labels, classes = info.loader(data_dir, train, download)
+        folders_before = _folders_near(data_dir)
+        try:
+            images, labels, classes = info.loader(data_dir, train, download)
+        except BaseException:  # a failed or stopped download (a mistyped folder, offline): no empty folders left
+            _remove_new_empty_folders(data_dir, folders_before)
+            raise
     num_classes = info.num_classes or len(classes)
     # The loaders name the file at fault; these catch what any loader lets through, on the whole split
     # (before the subset: --train-size must not hide a mismatch).

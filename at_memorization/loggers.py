@@ -4,7 +4,9 @@ A logger receives the run's resolved settings once (``start``) and each epoch's 
 (``log_epoch``: every number in it, as a scalar at step = epoch). Loggers are registered by name in
 ``LOGGERS`` (``at-mem train --logger NAME``, repeatable). Logging never breaks a run:
 ``SafeLoggers`` turns any failure of a logger (a missing package, a full disk, a network error) into
-one warning line and stops using that logger; training goes on.
+one warning line and stops using that logger; training goes on. A logger's folder that cannot be
+written (``check_names`` with the run folder) is refused before the run starts instead, as an
+``--out`` that cannot be written is: a warning in a long unattended run's log is easily missed.
 
 - ``tensorboard``: event files in ``RUN/tensorboard/`` (``torch.utils.tensorboard``; needs the
   ``tensorboard`` package, installed with ``pip install ".[tensorboard]"``). The settings are logged
@@ -24,7 +26,7 @@ import secrets
 from pathlib import Path
 from typing import Callable
 
-from .atomic import write_text_atomic
+from .atomic import check_writable_folder, write_text_atomic
 from .runfolder import RunFolder
 from .user_errors import UserError
 
@@ -40,10 +42,14 @@ class TensorBoardLogger:
     name = "tensorboard"
     extra = "tensorboard"  # pip install ".[extra]" brings what it needs
 
+    @staticmethod
+    def folder(run_dir: Path) -> Path:
+        return RunFolder(run_dir).tensorboard_dir
+
     def __init__(self, run_dir: Path, start_epoch: int):
         from torch.utils.tensorboard import SummaryWriter  # raises ImportError without tensorboard
 
-        self.path = RunFolder(run_dir).tensorboard_dir
+        self.path = self.folder(run_dir)
         # purge_step: a resumed run replaces what a killed run logged after its checkpoint
         self.writer = SummaryWriter(str(self.path), purge_step=start_epoch if start_epoch > 1 else None)
 
@@ -65,6 +71,10 @@ class TensorBoardLogger:
 class WandbLogger:
     name = "wandb"
     extra = "wandb"
+
+    @staticmethod
+    def folder(run_dir: Path) -> Path:
+        return RunFolder(run_dir).wandb_dir
 
     def __init__(self, run_dir: Path, start_epoch: int):
         import wandb  # raises ImportError without the wandb extra
@@ -97,11 +107,16 @@ class UnknownLoggerError(UserError, ValueError):
     """A logger name that is not one of ``LOGGERS``."""
 
 
-def check_names(names) -> None:
-    """Refuse an unknown logger name (before a run does any work)."""
+def check_names(names, run_dir: str | Path | None = None) -> None:
+    """Refuse an unknown logger name and, given the run folder, a logger's folder that cannot be written
+    (a WriteError naming it): before a run does any work."""
     unknown = [name for name in names if name not in LOGGERS]
     if unknown:
         raise UnknownLoggerError(f"unknown logger {unknown[0]!r}; choose from {', '.join(LOGGERS)}")
+    for name in dict.fromkeys(names) if run_dir is not None else ():
+        folder = getattr(LOGGERS[name], "folder", None)  # a logger that writes files in the run folder says where
+        if folder is not None:
+            check_writable_folder(folder(Path(run_dir)), f"--logger {name}:")
 
 
 class SafeLoggers:

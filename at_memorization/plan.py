@@ -12,6 +12,7 @@ This module imports no torch.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ from .settings import SETTINGS_BY_NAME, RunConfig, SettingError, read_settings, 
 from .user_errors import UserError
 
 PLAN_KEYS = {"name", "description", "base", "methods", "seeds", "device", "settings", "arms", "evaluate", "report"}
+# The device names a study may give its runs (a plan's `device`, `reproduce --device`): their syntax
+# only, so that a plan is checked without torch and may be written on a machine without the device;
+# each run's `at-mem train` checks that the device exists where it runs.
+DEVICE_NAME = re.compile(r"cpu|mps|cuda(:\d+)?")
+DEVICE_NAMES_HINT = "use cpu, cuda, cuda:N or mps"
 EVALUATE_KEYS = {"checkpoints", "attacks", "n_examples", "seeds", "arms", "batch_size"}
 REPORT_KEYS = {"paired", "late_after", "plot_seed"}
 
@@ -72,6 +78,22 @@ class PlannedRun:
 
     def settings_document(self) -> dict:
         return {**self.given, "method_args": dict(self.given_method)}
+
+    def whole_settings(self, saved_derived=()) -> tuple[dict, dict]:
+        """The run's settings as the plan states them, every one (a setting the plan leaves out is its
+        default, not "anything"), to compare with a run folder's saved ones: (run settings, resolved;
+        the method's). A method setting that the method derives when it is built (e.g. TE's start epoch)
+        is left out where the saved run derived it too (it follows from settings compared already), and
+        is None where the saved run was given it: a plan that stops giving it differs."""
+        run_settings = RunConfig(**self.given).resolve().to_dict()
+        run_settings.pop("method_args")
+        method = {}
+        for name, declared in self.accepted.items():
+            if name in self.given_method:
+                method[name] = self.given_method[name]
+            elif declared.default is not None or name not in saved_derived:
+                method[name] = declared.default
+        return run_settings, method
 
 
 @dataclass
@@ -181,9 +203,16 @@ def read_plan(path: str | Path, *, methods: dict | None = None) -> Plan:
     seeds = _list_of(raw.get("seeds", [0]), int, path, "seeds")
     if len(set(seeds)) != len(seeds):
         raise PlanError(f"{_where(path, 'seeds')}: a seed is listed twice ({seeds})")
+    for seed in seeds:  # the bounds of --seed, as a run's settings are checked
+        try:
+            SETTINGS_BY_NAME["seed"].check(seed)
+        except SettingError as error:
+            raise PlanError(f"{_where(path, 'seeds')}: {error}") from None
     device = raw.get("device")
     if device is not None and not isinstance(device, str):
         raise PlanError(f"{_where(path, 'device')} must be text such as \"cpu\" or \"cuda\"")
+    if device is not None and not DEVICE_NAME.fullmatch(device):
+        raise PlanError(f"{_where(path, 'device')}: {device!r} is not a device; {DEVICE_NAMES_HINT}")
 
     common = {}
     if "base" in raw:

@@ -138,8 +138,12 @@ def read_runs(run_dirs) -> list[Run]:
         if Path(run_dir).is_file():  # `report runs/*` also matches the logs beside the run folders
             files.append(str(run_dir))
             continue
-        metrics = RunFolder(run_dir).metrics
-        if metrics.is_file() and not metrics.read_text().strip():
+        folder = RunFolder(run_dir)
+        try:
+            no_epoch_yet = folder.metrics.is_file() and not folder.metrics_text().strip()
+        except RunFolderError as error:
+            raise ReportError(str(error)) from None
+        if no_epoch_yet:
             skipped.append(f"{run_dir} has not finished an epoch yet: left out")
             continue
         runs.append(read_run(run_dir))

@@ -31,7 +31,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -40,11 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .atomic import write_text_atomic
+from .atomic import check_writable_folder, write_text_atomic
 from .machine import machine_description
-from .plan import EvaluationSpec, Plan, PlanError, PlannedRun, read_plan
+from .plan import DEVICE_NAME, DEVICE_NAMES_HINT, EvaluationSpec, Plan, PlanError, PlannedRun, read_plan
 from .records import ATTACK_NAMES, NoEvaluatedEpoch, best_record
-from .runlock import RunLock, RunLockError, check_free
+from .runlock import LOCK_NAME, RunLock, RunLockError, check_free
 from .report import ReportError, group_runs, read_run  # reading run folders needs no torch
 from .runfolder import RunFolder
 from .settings import SETTINGS_BY_NAME, SavedSettingDiffers, resume_settings
@@ -58,25 +57,17 @@ LOCK_WAIT_S = 120  # how long a task waits for its run folder to be released by 
 STATUS_EVERY_S = 30  # status.json is rewritten at least this often: a SIGKILL loses less time than this
 
 
+_ANOTHER_CALL = "another at-mem reproduce works on this study"
+
+
+def _left_by_a_claim(name: str) -> bool:
+    """A file that a call claiming a new DIR makes before its plan.toml is in place (the lock, the
+    lock's temporaries, plan.toml's temporary), or that a call killed meanwhile leaves behind: a
+    folder holding only these is still new."""
+    return name == LOCK_NAME or name.startswith((f"{LOCK_NAME}.", ".plan.toml."))
+
+
 # --------------------------------------------------------------------------- what is done
-def _read_jsonl(path: Path) -> list[dict]:
-    """Tolerant where RunFolder.read_metrics is strict: a study is read while its runs write, and a
-    line cut by a kill is repaired by the trainer on resume, not an error of the study."""
-    records = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill: the trainer repairs it on resume
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -107,7 +98,7 @@ def run_state(run_dir: Path) -> RunState:
     epochs = None
     if isinstance(config, dict) and isinstance(config.get("config"), dict):
         epochs = config["config"].get("epochs")
-    records = [r for r in _read_jsonl(folder.metrics) if isinstance(r.get("epoch"), int)]
+    records = [r for r in folder.read_metrics_so_far() if isinstance(r.get("epoch"), int)]
     try:
         best = best_record(records)  # the rule the trainer and the report use
     except NoEvaluatedEpoch:  # none yet
@@ -232,7 +223,10 @@ class Reproduction:
         write_text_atomic(json.dumps(self.status, indent=2) + "\n", self.status_path)
 
     def check_out_dir(self) -> None:
-        """DIR is new, or holds this plan: another plan's runs must not be mixed into its table."""
+        """DIR is new, or holds this plan: another plan's runs must not be mixed into its table.
+
+        Checked once before DIR's lock (read-only, for --dry-run too) and again under it
+        (``_recheck_under_lock``), where it decides: another call may claim DIR in between."""
         saved = self.out / "plan.toml"
         if self.out.exists() and not self.out.is_dir():
             raise ReproduceError(f"--out {self.out}: a file is in the way (give a folder)")
@@ -242,20 +236,42 @@ class Reproduction:
                     f"{self.out} holds the runs of another plan ({saved} differs from {self.plan.path}): give another "
                     f"--out, or copy {self.plan.path} over {saved} if the change is meant to apply to these runs (each "
                     "run's settings are still checked against its saved ones)")
-        elif self.out.is_dir() and any(self.out.iterdir()):
-            raise ReproduceError(f"--out {self.out} is not empty and holds no plan.toml: give a new folder")
+        elif self.out.is_dir():
+            try:  # a live lock and no plan.toml yet: another call is claiming DIR (this call's own lock passes)
+                check_free(self.out)
+            except RunLockError as error:
+                raise ReproduceError(f"{_ANOTHER_CALL}: {str(error).splitlines()[0]}") from None
+            if any(not _left_by_a_claim(p.name) for p in self.out.iterdir()):
+                if saved.is_file():  # another call claimed DIR since the first look above: judge its plan
+                    return self.check_out_dir()
+                raise ReproduceError(f"--out {self.out} is not empty and holds no plan.toml: give a new folder")
+
+    def _recheck_under_lock(self) -> list[Task]:
+        """DIR's checks and state read again once this call holds DIR's lock, the pending tasks
+        returned: since the first look, another call may have claimed DIR for another plan, or run tasks
+        (its status.json records too, which this call must extend, not overwrite)."""
+        self.check_out_dir()
+        self.check_saved_settings()
+        self.status = self._read_status()
+        self.refresh()
+        pending = [t for t in self.tasks if t.state == "pending"]
+        self._pending_count = len(pending)
+        return pending
 
     def check_saved_settings(self) -> None:
         """Every run folder that exists was trained with the plan's settings (as ``at-mem train
         --resume`` checks them): an edited plan must not mix its results into the table silently,
-        and a finished run would never be checked otherwise."""
+        and a finished run would never be checked otherwise. Compared whole, as resolved values: a
+        setting removed from the plan (its default then applies) differs as a changed one does."""
         for run in {t.run.name: t.run for t in self.tasks}.values():
             saved = _read_json(RunFolder(self.run_dir(run)).config)
             if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
                 continue
+            derived = saved.get("derived") if isinstance(saved.get("derived"), list) else []
+            given, given_method = run.whole_settings(derived)
             try:
-                resume_settings(saved["config"], dict(saved.get("method") or {}), dict(run.given),
-                                dict(run.given_method), {}, run.accepted)
+                resume_settings(saved["config"], dict(saved.get("method") or {}), given, given_method, {},
+                                run.accepted, complete=True)
             except SavedSettingDiffers as error:
                 raise ReproduceError(f"{self.run_dir(run)} was trained with other settings than the plan's: "
                                      f"{error.difference}; restore the plan, or move the run folder away to train "
@@ -318,7 +334,8 @@ class Reproduction:
             if task.kind == "train":
                 task.state = "done" if state.finished else "pending"
                 if state.has_checkpoint and not state.finished:
-                    task.detail = f"resumes after epoch {state.epochs_done} of {state.epochs}"
+                    task.detail = (f"resumes after epoch {state.epochs_done} of {state.epochs}" if state.epochs
+                                   else "resumes; its config.json cannot be read and is rewritten from its checkpoint")
             else:
                 if state.finished and not missing_attacks(self.run_dir(task.run), task.spec, state):
                     task.state = "done"
@@ -343,7 +360,16 @@ class Reproduction:
                     continue
                 if train.state != "done":
                     continue
-                if not run_state(self.run_dir(task.run)).has_checkpoint:
+                state = run_state(self.run_dir(task.run))
+                if state.finished and not missing_attacks(self.run_dir(task.run), task.spec, state):
+                    # its records were there all along: e.g. a finished, evaluated run whose lost
+                    # metrics.jsonl lines the training task restored from the checkpoint
+                    task.state = "done"
+                    if task.key in self.status["tasks"]:
+                        self.status["tasks"][task.key]["state"] = "done"
+                        self.status["tasks"][task.key].pop("error", None)
+                    continue
+                if not state.has_checkpoint:
                     task.state = "failed"
                     task.detail = (f"{self.run_dir(task.run)} holds the run's records but not its checkpoints (e.g. "
                                    "a checkout of committed records): move the folder away to train it again")
@@ -523,9 +549,16 @@ class Reproduction:
             except OSError as error:
                 raise ReproduceError(f"--out {self.out}: cannot create it ({error.strerror or error})") from None
             if pending or self.options.prepare:
-                lock = RunLock(self.out).acquire()  # one call per DIR at a time
+                try:
+                    lock = RunLock(self.out).acquire()  # one call per DIR at a time
+                except OSError as error:  # e.g. a read-only DIR: one line, not the lock file's traceback
+                    raise ReproduceError(f"--out {self.out}: cannot write in it ({error.strerror or error})") from None
+                pending = self._recheck_under_lock()
             if not (self.out / "plan.toml").is_file():
                 write_text_atomic(self.plan.text, self.out / "plan.toml")
+            if pending:  # before a task starts: a file in the way of DIR's folders is one line, not a traceback
+                for folder in (self.runs_dir, self.logs_dir, self.settings_dir):
+                    check_writable_folder(folder, "--out")
             if self.options.prepare:
                 self.write_settings()
                 self.options.echo(f"prepared {self.out}: plan.toml and {len(self.plan.runs)} settings files "
@@ -534,7 +567,10 @@ class Reproduction:
             return self._execute(pending)
         finally:
             if lock is not None:
-                lock.release()
+                try:
+                    lock.release()
+                except OSError:  # DIR made read-only meanwhile: the error that stopped this call says so,
+                    pass  # and the next call takes over the lock of this (then ended) process
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
@@ -576,7 +612,7 @@ class Reproduction:
                               "the failed ones")
             return 1
         if problems:
-            self.options.echo(f"{len(problems)} output(s) could not be written (above); the same command tries again")
+            self.options.echo(f"{len(problems)} problem(s) with the outputs (above); the same command tries again")
             return 1
         return 0
 
@@ -654,7 +690,8 @@ class Reproduction:
 
     def write_outputs(self) -> list[str]:
         """report.md/json, the curves, memorization.json and README.md, over the finished runs; not
-        rewritten when nothing changed since they were written. Returns what could not be written."""
+        rewritten when nothing changed since they were written. Returns the problems: what could not be
+        written, and the runs left out of the table."""
         runs = self.finished_runs()
         if not runs:
             self.options.echo("no finished run yet: no report")
@@ -667,12 +704,16 @@ class Reproduction:
                 and all(p.is_file() for p in outputs)):
             self.options.echo(f"{self.out / 'report.md'} is up to date")
             return []
-        written, problems = [], []
+        # A run whose files `at-mem report` cannot read (e.g. an eval record cut by a full disk) is left
+        # out of the outputs, with the reason: it must not keep the other runs' table from being made.
+        runs, left_out = self._readable(runs)
+        written, problems = [], [f"{name} left out of the table and curves: {why}" for name, why in left_out.items()]
         base = _AT_MEM
         try:
             paired = self._paired_args(runs)
         except ReportError as error:  # the report below says what is wrong with the runs
-            paired, problems = [], [f"--paired left out: {str(error).splitlines()[0]}"]
+            paired = []
+            problems.append(f"--paired left out: {str(error).splitlines()[0]}")
         steps = [("report.md", [*base, "report", *map(str, runs), *paired, "--output",
                                 str(self.out / "report.md")]),
                  ("report.json", [*base, "report", *map(str, runs), *paired, "--format", "json",
@@ -688,7 +729,7 @@ class Reproduction:
             steps.append(("memorization.json", [*base, "memorization", *map(str, runs), "--late-after",
                                                 str(self.plan.late_after), "--output",
                                                 str(self.out / "memorization.json")]))
-        for name, command in steps:
+        for name, command in steps if runs else ():  # no readable run: nothing to make
             if self.stop_signal is not None:  # stopped while writing: the next call writes them
                 return problems
             # Its own session, as the tasks: a Ctrl-C reaches this process, which stops after this step.
@@ -699,7 +740,7 @@ class Reproduction:
             else:
                 lines = [l for l in (result.stderr + result.stdout).splitlines() if l.strip()]
                 problems.append(f"{name}: {lines[-1] if lines else f'exit status {result.returncode}'}")
-        self._write_readme(runs, problems)
+        self._write_readme(runs, problems, left_out=left_out, table_made="report.md" in written)
         written.append("README.md")
         self.status["outputs_fingerprint"] = fingerprint if not problems else None
         self._save_status()
@@ -707,6 +748,18 @@ class Reproduction:
         for problem in problems:
             self.options.echo(f"warning: {problem}")
         return problems
+
+    def _readable(self, runs: list[Path]) -> tuple[list[Path], dict[str, str]]:
+        """The runs `at-mem report` can read, and run name -> why for the others."""
+        readable, left_out = [], {}
+        for run in runs:
+            try:
+                read_run(run)
+            except ReportError as error:
+                left_out[run.name] = str(error).splitlines()[0]
+            else:
+                readable.append(run)
+        return readable, left_out
 
     def _paired_args(self, runs: list[Path]) -> list[str]:
         """``--paired`` in the report's labels, for the pairs whose arms both have finished runs."""
@@ -728,7 +781,10 @@ class Reproduction:
                 labels.setdefault(arm_of.get(Path(run.path)), group.label)
         return labels
 
-    def _write_readme(self, runs: list[Path], problems: list[str]) -> None:
+    def _write_readme(self, runs: list[Path], problems: list[str], *, left_out: dict[str, str] | None = None,
+                      table_made: bool = False) -> None:
+        """``runs``: those in the table; ``left_out``: finished runs left out of it, and why;
+        ``table_made``: whether this call wrote report.md (else the file, if any, is an earlier call's)."""
         plan, status = self.plan, self.status
         if getattr(self, "_call", None) is not None:  # this call so far, the report and plots included
             self._call["seconds"] = round(time.monotonic() - self._call_start, 1)
@@ -762,6 +818,9 @@ class Reproduction:
                 error = status["tasks"].get(task.key, {}).get("error", task.detail)
                 lines.append(f"- {task.state}: {task.label}: {error} (log: `{task.log.relative_to(self.out) if task.log else '-'}`)")
             for run in unfinished:
+                if run.name in (left_out or {}):
+                    lines.append(f"- {run.name}: not in the table: {left_out[run.name]}")
+                    continue
                 state = run_state(self.run_dir(run))
                 lines.append(f"- {run.name}: {state.epochs_done} of {run.given.get('epochs', state.epochs) or '?'} "
                              "epochs: not in the table")
@@ -776,9 +835,12 @@ class Reproduction:
                          f"{_format_seconds(sum(e.get('seconds', 0.0) for e in evals))} |")
         lines += ["", "Times are the children's wall times in the calls that ran them (summed over resumes).", ""]
         report = self.out / "report.md"
-        if report.is_file():
+        if table_made:
             lines += ["## Table", "", "`at-mem report` over the finished runs ([report.md](report.md), "
                       "[report.json](report.json)):", "", report.read_text().strip(), ""]
+        elif report.is_file():  # an earlier call's table would contradict the lists above
+            lines += ["## Table", "", "No table this time" + (" (see the problems below)" if problems else "")
+                      + ": report.md and report.json are from an earlier call and out of date.", ""]
         for name in sorted(p.name for p in self.out.glob("curves*.png")):
             lines += [f"![{name}]({name})", ""]
         if problems:
@@ -838,9 +900,9 @@ def reproduce(plan_path: str | Path, options: Options) -> int:
     if not job.tasks:
         raise ReproduceError(f"--only {' '.join(options.only)}: no run of the plan matches "
                              f"(runs: {', '.join(r.name for r in plan.runs)})")
-    bad = [d for d in options.devices if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", d)]
+    bad = [d for d in options.devices if not DEVICE_NAME.fullmatch(d)]
     if bad:
-        raise ReproduceError(f"--device {bad[0]!r}: use cpu, cuda, cuda:N or mps (a comma-separated list for several)")
+        raise ReproduceError(f"--device {bad[0]!r}: {DEVICE_NAMES_HINT} (a comma-separated list for several)")
     job.check_out_dir()  # read-only: a dry run must not show another plan's runs as done either
     job.check_saved_settings()
     if not options.dry_run:
@@ -848,7 +910,7 @@ def reproduce(plan_path: str | Path, options: Options) -> int:
     try:
         return job.execute()
     except RunLockError as error:  # another call works on DIR
-        raise ReproduceError(str(error).splitlines()[0]) from None
+        raise ReproduceError(f"{_ANOTHER_CALL}: {str(error).splitlines()[0]}") from None
 
 
 __all__ = ["Plan", "PlanError", "ReproduceError", "Options", "read_plan", "reproduce", "run_state",

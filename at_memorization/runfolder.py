@@ -23,8 +23,8 @@ Guarantees (each tested in tests/test_settings_and_run_folder.py and tests/test_
   so an error message can point at it.
 - ``load_resumable`` passes over unreadable or non-finite checkpoints (``last.pt``, then
   ``last-prev.pt``); it suggests ``best.pt`` as a last resort only after checking it.
-- A history event is written by the caller once it took effect (the trainer writes its events when
-  training starts, not when they are requested).
+- A history event is written by the caller once it took effect (the trainer writes a resume's events,
+  and the settings it changes, with the resume's first checkpoint, not when they are requested).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ TRACKING = "tracking.pt"
 EVAL_DIR = "eval"
 TENSORBOARD_DIR = "tensorboard"  # --logger tensorboard's event files
 WANDB_ID = "wandb-id.txt"  # --logger wandb's run id, so that a resume continues the same W&B run
+WANDB_DIR = "wandb"  # --logger wandb's files (wandb.init(dir=RUN) writes them there)
 
 
 class RunFolderError(UserError, ValueError):
@@ -94,7 +95,7 @@ class RunFolder:
     # Each a path in the folder: RunFolder(p).metrics is p / "metrics.jsonl".
     config, metrics, history, last, previous, best = map(_in_folder, (CONFIG, METRICS, HISTORY, LAST, PREVIOUS, BEST))
     init, labels, tracking, lock_path = map(_in_folder, (INIT, LABELS, TRACKING, LOCK_NAME))
-    eval_dir, tensorboard_dir, wandb_id = map(_in_folder, (EVAL_DIR, TENSORBOARD_DIR, WANDB_ID))
+    eval_dir, tensorboard_dir, wandb_id, wandb_dir = map(_in_folder, (EVAL_DIR, TENSORBOARD_DIR, WANDB_ID, WANDB_DIR))
 
     def checkpoint(self, which: str) -> Path:
         """``RUN/best.pt`` or ``RUN/last.pt`` (``which``: one of ``records.CHECKPOINT_NAMES``)."""
@@ -148,6 +149,31 @@ class RunFolder:
     def rewrite_metrics(self, records: list[dict]) -> None:
         write_text_atomic("".join(json.dumps(r) + "\n" for r in records), self.metrics)
 
+    def metrics_text(self) -> str:
+        """metrics.jsonl as text, "" when there is none: the one place the file is read. A file that is
+        not text (bytes that are not UTF-8: the trainer writes ASCII) is a RunFolderError naming it."""
+        try:
+            return self.metrics.read_text()
+        except FileNotFoundError:
+            return ""
+        except (OSError, UnicodeDecodeError) as failure:
+            raise RunFolderError(_cannot_read(self.metrics, failure)) from None
+
+    def read_metrics_so_far(self) -> list[dict]:
+        """The records of a run that may be writing, tolerant where ``read_metrics`` is strict (for
+        ``at-mem reproduce``, which reads its study while the runs write): a line cut by a kill is left
+        out (the trainer repairs it on resume), and no file is no records. An unreadable file is still
+        a RunFolderError: no kill writes one."""
+        records = []
+        for line in self.metrics_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
     def read_metrics(self, *, allow_empty: bool = False) -> list[dict]:
         """The per-epoch records, in epoch order: the one reader of metrics.jsonl.
 
@@ -159,12 +185,8 @@ class RunFolder:
             raise RunFolderError(f"{self.path}: no such run folder")
         if not path.is_file():
             raise RunFolderError(f"{self.path} is not a run folder (no {METRICS}; `at-mem train --out` writes one)")
-        try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise RunFolderError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from error
         records = []
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(self.metrics_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -325,7 +347,16 @@ def read_text(path: str | Path, error: type[Exception], name: str | None = None)
     except FileNotFoundError:
         raise error(f"{name}: no such file") from None
     except (OSError, UnicodeDecodeError) as failure:
-        raise error(f"{name}: cannot read ({getattr(failure, 'strerror', None) or failure})") from failure
+        raise error(_cannot_read(name, failure)) from failure
+
+
+def _cannot_read(name, failure: OSError | UnicodeDecodeError) -> str:
+    """"NAME: cannot read (why)", in one line."""
+    if isinstance(failure, UnicodeDecodeError):
+        why = f"not UTF-8 text: byte {failure.object[failure.start]:#04x} at offset {failure.start}"
+    else:
+        why = getattr(failure, "strerror", None) or failure
+    return f"{name}: cannot read ({why})"
 
 
 def read_json(path: str | Path):

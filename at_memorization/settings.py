@@ -77,6 +77,9 @@ class Setting:
     free_on_resume: bool = False  # may differ on resume without an override (does not change results)
     groups_report: bool = True  # at-mem report: runs differing in it are different rows
     switch: bool = False  # a bool shown as --name/--no-name (None: derived) instead of a plain flag
+    # None: the process's value when the run starts (e.g. its thread count), recorded with the run; a
+    # resume keeps the recorded value, and a plan that leaves it out agrees with any recorded one.
+    from_environment: bool = False
 
     @property
     def flag(self) -> str:
@@ -163,13 +166,15 @@ class Setting:
 
     def bounds_text(self) -> str:
         """``>= 0``, ``> 0``, ``in [0, 1)``: the declared bounds in words."""
-        low, high = self.minimum, self.maximum
+        # an integer bound in full (a seed's 4294967295, not 4.29497e+09)
+        low, high = (bound if isinstance(bound, int) else f"{bound:g}" if bound is not None else None
+                     for bound in (self.minimum, self.maximum))
         if low is not None and high is not None:
-            return (f"in {'(' if self.exclusive_minimum else '['}{low:g}, {high:g}"
+            return (f"in {'(' if self.exclusive_minimum else '['}{low}, {high}"
                     f"{')' if self.exclusive_maximum else ']'}")
         if low is not None:
-            return f"{'>' if self.exclusive_minimum else '>='} {low:g}"
-        return f"{'<' if self.exclusive_maximum else '<='} {high:g}" if high is not None else "any value"
+            return f"{'>' if self.exclusive_minimum else '>='} {low}"
+        return f"{'<' if self.exclusive_maximum else '<='} {high}" if high is not None else "any value"
 
     def _kind(self) -> str:
         return {bool: "true or false", int: "an integer", str: "text",
@@ -291,7 +296,14 @@ class RunConfig:
     track_samples: bool = setting(
         bool, False, "Record each training sample's adversarial correctness and loss per epoch (tracking.pt).",
         groups_report=False)
-    seed: int = setting(int, 0, "Random seed (data order, initialization, attacks, noise).", groups_report=False)
+    # NumPy's legacy seeding (seed_everything) takes 0 <= seed < 2**32; torch's accepts that range too
+    seed: int = setting(int, 0, "Random seed (data order, initialization, attacks, noise).", minimum=0,
+                        maximum=2**32 - 1, groups_report=False)
+    threads: int | None = setting(
+        int, None, "CPU threads of the computation (torch.set_num_threads). On a CPU they are part of the result "
+        "(sums split differently), so a run records its count and a resume computes with it.", minimum=1,
+        overridable=True, groups_report=False, from_environment=True,
+        default_help="the process's (OMP_NUM_THREADS, else the cores) when the run starts")
     bf16: bool = setting(bool, False, "bfloat16 autocast for attack and update (fp32 weights).", overridable=True)
     channels_last: bool = setting(bool, False, "channels_last memory format.", overridable=True,
                                   groups_report=False)
@@ -433,16 +445,18 @@ def resume_settings(saved: dict, saved_method: dict, given: dict, given_method: 
     what the command line or a file gave explicitly (each must equal the saved value, unless it may
     differ on resume); ``overrides``: deliberate changes (``parse_overrides``). Derived values stay as
     they were saved unless overridden (module docstring). ``complete``: ``given`` is a whole config
-    (the trainer's), so a None in it is a value to compare, not a setting left out.
+    (the trainer's, or a plan's resolved settings), so a None in it is a value to compare, not a setting
+    left out (except a ``from_environment`` one, whose None means "the run's recorded value").
     """
     config = {s.name: saved.get(s.name, s.default) for s in RUN_SETTINGS}
     method_settings = dict(saved_method)
     for values, target, declarations in ((given, config, SETTINGS_BY_NAME),
                                          (given_method, method_settings, hyperparameters)):
         for name, value in values.items():
-            if name in overrides or (value is None and not complete):
-                continue
             setting = declarations.get(name)
+            if name in overrides or (value is None and (not complete or (setting is not None and
+                                                                          setting.from_environment))):
+                continue
             if setting is not None and setting.free_on_resume:
                 target[name] = value
             elif target.get(name) != value:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -38,6 +39,12 @@ def tiny_train_args(data_dir, out, *extra, device="cpu", quiet=True, **settings)
     args += ["--quiet"] if quiet else []
     args += ["--out", str(out)] if out is not None else []
     return args + [str(a) for a in extra]
+
+
+def tiny_mnist_plan_settings(data_dir, **settings) -> str:
+    """``TINY_MNIST`` updated with ``settings``, from ``data_dir``, as a plan's ``[settings]`` table (TOML)."""
+    values = {**TINY_MNIST, "data_dir": str(data_dir), **settings}
+    return "[settings]\n" + "".join(f"{name} = {json.dumps(value)}\n" for name, value in values.items())
 
 
 def subprocess_env(**variables) -> dict[str, str]:

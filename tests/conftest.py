@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# The session fixture `slurm_cluster`: a private single-node SLURM cluster (tests/slurm_cluster.py).
+pytest_plugins = ["slurm_cluster"]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # at-mem's method catalog cache (at_memorization/method_catalog.py) goes to a folder of this test

@@ -10,6 +10,9 @@ torchrun's start-up once:
 2. ``full``: ``at-mem train`` (the real CLI) for all epochs into ``OUT/full``.
 3. ``interrupted``: the same command into ``OUT/interrupted``, stopped after epoch 1 (every rank
    leaves at the same point, after the checkpoint is written), to be resumed by the test.
+4. ``midepoch``: the same command with ``--checkpoint-every-steps 1`` into ``OUT/midepoch``, stopped
+   in the third step of epoch 1 (its last.pt is of step 2, copied to ``OUT/midepoch-partial.pt``),
+   to be resumed by the test.
 
 Every rank records the index batches the trainer drew (``OUT/batches-<run>-rank<r>.json``).
 """
@@ -30,8 +33,11 @@ def te_check(out: Path) -> None:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     n, c = 51, 10  # 51 is odd: DistributedSampler pads rank 1's shard with a repeated index
-    distributed = TELoss(n, c, momentum=0.7, start_epoch=1, end_epoch=3)
-    reference = TELoss(n, c, momentum=0.7, start_epoch=1, end_epoch=3, sync_distributed=False)
+    # The concatenated batches repeat the padded index, and the unequal step below draws indices at
+    # random: both repeat samples within a batch on purpose.
+    distributed = TELoss(n, c, momentum=0.7, start_epoch=1, end_epoch=3, allow_duplicate_indices=True)
+    reference = TELoss(n, c, momentum=0.7, start_epoch=1, end_epoch=3, sync_distributed=False,
+                       allow_duplicate_indices=True)
     fast = TELoss(n, c, momentum=0.7, start_epoch=1, end_epoch=3)  # as the trainer's methods set it
     fast.validate, fast.equal_rank_batches = False, True
     step = 0
@@ -68,11 +74,12 @@ def te_check(out: Path) -> None:
         (out / "te.json").write_text(json.dumps(result))
 
 
-class StopAfterEpoch(Exception):
-    pass
+class StopAfterEpoch(BaseException):
+    """A stop of every rank at the same point, as a kill: a BaseException (as KeyboardInterrupt), which
+    the CLI does not report to the other ranks as a failure."""
 
 
-def train(out: Path, run: str, args: list[str], stop_after: int | None) -> None:
+def train(out: Path, run: str, args: list[str], stop_after: int | None, stop_at_step: int | None = None) -> None:
     import at_memorization.cli as cli
     import at_memorization.training.loop as training  # the module whose epoch_batches the loop calls
 
@@ -92,8 +99,17 @@ def train(out: Path, run: str, args: list[str], stop_after: int | None) -> None:
         if stop_after is not None and record["epoch"] >= stop_after:
             raise StopAfterEpoch
 
+    original_step, steps = cli._ProgressCallbacks.step, []
+
+    def stopping_step(self):  # as a kill in the middle of a step: every rank at the same step
+        steps.append(1)
+        if stop_at_step is not None and len(steps) >= stop_at_step:
+            raise StopAfterEpoch
+        original_step(self)
+
     training.epoch_batches = recording_batches
     cli._ProgressCallbacks.epoch_end = stopping_end
+    cli._ProgressCallbacks.step = stopping_step
     try:
         cli.main(["train", *args, "--out", str(out / run)], standalone_mode=False)
     except StopAfterEpoch:
@@ -101,6 +117,7 @@ def train(out: Path, run: str, args: list[str], stop_after: int | None) -> None:
     finally:
         training.epoch_batches = original_batches
         cli._ProgressCallbacks.epoch_end = original_end
+        cli._ProgressCallbacks.step = original_step
     (out / f"batches-{run}-rank{rank}.json").write_text(json.dumps(seen))
     dist.barrier()
 
@@ -113,6 +130,10 @@ def main() -> None:
         te_check(out)
         train(out, "full", args, stop_after=None)
         train(out, "interrupted", args, stop_after=1)
+        train(out, "midepoch", [*args, "--checkpoint-every-steps", "1"], stop_after=None, stop_at_step=3)
+        if dist.get_rank() == 0:
+            (out / "midepoch-partial.pt").write_bytes((out / "midepoch" / "last.pt").read_bytes())
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

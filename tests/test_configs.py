@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from cli_testing import assert_one_line_error, invoke, tiny_train_args
 
-from at_memorization.training import RunConfig, Trainer, learning_rate, resolved_method_settings
+from at_memorization.training import RunConfig, Trainer, learning_rate, resolved_method_settings, with_threads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER = sorted(CONFIGS.glob("*.toml"))
@@ -34,8 +36,8 @@ def printed(*args) -> dict:
 def test_cli_and_python_api_resolve_the_same_settings(cli_args, api):
     # Before: `at-mem train --epochs 10` lowered the lr at epochs 5 and 8, RunConfig(epochs=10) never.
     cli = printed(*cli_args)
-    config = RunConfig(**api).resolve()
-    assert cli["config"] == config.to_dict()
+    config = with_threads(RunConfig(**api).resolve())  # as a run records it: its thread count, its method's
+    assert cli["config"] == {**config.to_dict(), "method_args": resolved_method_settings(config)}  # settings
     assert cli["method"] == resolved_method_settings(config)
 
 
@@ -54,7 +56,8 @@ def test_trainer_records_the_resolved_config(mnist_dir, tmp_path):
     trainer = Trainer(config, tmp_path / "run")
     trainer.close()
     assert trainer.config.milestones == [1, 2] and trainer.config.weight_decay == 5e-4
-    assert trainer.config == config.resolve()
+    # and the thread count it computes with (the process's, when not given)
+    assert trainer.config == dataclasses.replace(config.resolve(), threads=torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------- config files
@@ -96,7 +99,8 @@ def test_cpu_configs_train_one_epoch(path, mnist_dir, tmp_path):
     recorded = json.loads((run / "config.json").read_text())["config"]
     file_settings = printed("--config", path)["config"]
     for key, value in file_settings.items():  # the file's settings, except what the command line changed
-        if key not in ("epochs", "train_size", "test_size", "eval_train_size", "data_dir", "milestones"):
+        if key not in ("epochs", "train_size", "test_size", "eval_train_size", "data_dir", "milestones",
+                       "method_args"):  # derived from the epochs too (TE's schedule)
             assert recorded[key] == value, key
     assert recorded["epochs"] == 1 and recorded["train_size"] == 64
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1

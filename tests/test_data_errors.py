@@ -310,3 +310,65 @@ def test_train_and_test_images_of_different_sizes(tmp_path):
     data_error(lambda: load_data("imagefolder", root, download=False), root, "3x32x32", "3x28x28")
     assert torch.equal(load_split("imagefolder", root, train=False, download=False).labels,
                        torch.tensor([0, 1, 0, 1, 0, 1]))
+
+
+class _FailingDownload:
+    """torchvision's MNIST as it behaves offline: it creates ``ROOT/MNIST/raw``, then the download fails."""
+
+    def __init__(self, root, train=True, download=False):
+        from pathlib import Path
+
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+
+def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    # Issue 33, item 7 (and issue 32): a refused resume with a mistyped --data-dir created that folder
+    # (empty MNIST/raw folders in the user's data directory).
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _FailingDownload)
+    mistyped = tmp_path / "typo" / "data"
+    one_line(lambda: load_split("mnist", mistyped, train=True), DataError, str(mistyped), "download failed")
+    assert not (tmp_path / "typo").exists()
+    # a folder that was there stays, with what it held; only the new, empty ones go
+    existing = tmp_path / "data"
+    (existing / "notes").mkdir(parents=True)
+    one_line(lambda: load_split("mnist", existing, train=True), DataError, "download failed")
+    assert sorted(p.name for p in existing.iterdir()) == ["notes"]
+
+
+_STOPPED_DOWNLOAD = """\
+import os, signal, sys, time
+from pathlib import Path
+import torchvision.datasets
+
+class StoppedDownload:  # a SIGTERM (a scheduler's preemption) while torchvision downloads
+    def __init__(self, root, train=True, download=False):
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise RuntimeError("the download went on after the signal")
+
+torchvision.datasets.MNIST = StoppedDownload
+from at_memorization.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_signal_during_the_download_stops_the_run_cleanly(tmp_path):
+    # Issue 29: the download's error handling caught the stop and exited 1 with a download error.
+    import subprocess
+    import sys
+
+    from cli_testing import subprocess_env
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_STOPPED_DOWNLOAD)
+    data = tmp_path / "new-data"
+    result = subprocess.run([sys.executable, str(driver), "train", *tiny_train_args(data, tmp_path / "run")],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 128 + 15, result.stdout + result.stderr
+    assert "stopped by SIGTERM before training started; nothing was saved" in result.stderr, result.stderr
+    assert "download failed" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not data.exists() and not (tmp_path / "run").exists()

@@ -48,6 +48,7 @@ def ddp_runs(mnist_dir, tmp_path_factory):
     _torchrun(str(ROOT / "tests" / "ddp_worker.py"), str(out), *_args(mnist_dir))
     resumed = _torchrun("-m", "at_memorization", "train", *_args(mnist_dir), "--out", str(out / "interrupted"),
                         "--resume")
+    _torchrun("-m", "at_memorization", "train", *_args(mnist_dir), "--out", str(out / "midepoch"), "--resume")
     return out, resumed
 
 
@@ -125,3 +126,129 @@ def test_distributed_sampler_gives_each_rank_its_own_shard_each_epoch(ddp_runs):
         assert shard0 == torch.cat(list(epoch_batches(TRAIN_SIZE, 32, seed=0, epoch=epoch, rank=0,
                                                       world_size=2))).tolist()
     assert seen[1, 0] != seen[2, 0]  # set_epoch reshuffles
+
+
+def test_a_ddp_run_resumed_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_one(ddp_runs):
+    # Issue 29: a mid-epoch checkpoint held rank 0's augmentation stream and epoch sums only, so a
+    # torchrun resume from it gave rank 1 rank 0's sums (that epoch's metrics off) and stream.
+    out, _ = ddp_runs
+    partial = _load(out / "midepoch-partial.pt")["partial"]
+    assert (partial["epoch"], partial["step"]) == (1, 2)
+    ranks = partial["per_rank"]
+    assert len(ranks) == 2 and ranks[0]["sums"].keys() == ranks[1]["sums"].keys()
+    assert not torch.equal(ranks[0]["sums"]["train_loss"], ranks[1]["sums"]["train_loss"])  # each its own shard
+    assert not torch.equal(ranks[0]["augment_rng"], ranks[1]["augment_rng"])
+    full, resumed = out / "full", out / "midepoch"
+    a, b = _load(full / "last.pt"), _load(resumed / "last.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    drop = ("train_seconds",)
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in _metrics(full)]
+            == [{k: v for k, v in r.items() if k not in drop} for r in _metrics(resumed)])
+
+
+_SIGNALLED_RANK = """\
+import os, signal, sys
+import at_memorization.cli as cli
+
+original, steps = cli._ProgressCallbacks.step, []
+
+
+def step(self):  # rank 1 alone gets SIGTERM (as from a scheduler) in its second step
+    steps.append(1)
+    if os.environ["RANK"] == "1" and len(steps) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    original(self)
+
+
+cli._ProgressCallbacks.step = step
+cli.main(sys.argv[1:])
+"""
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_next_step_with_a_checkpoint(mnist_dir, tmp_path):
+    # Issue 29: the processes agreed on a stop every 25 steps only, so a signal with a short grace period
+    # (a scheduler's preemption) could end the run before any checkpoint was written.
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    worker, run = tmp_path / "worker.py", tmp_path / "run"
+    worker.write_text(_SIGNALLED_RANK)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+               "train", *_args(mnist_dir), "--out", str(run)]
+    result = run_with_hang_guard(command, cwd=tmp_path, env=ENV)
+    assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "SIGTERM: stopping after the current step" in result.stderr, result.stderr[-3000:]
+    last = _load(run / "last.pt")
+    assert last["partial"]["epoch"] == 1 and last["partial"]["step"] == 2, last.get("partial")
+    assert len(last["partial"]["per_rank"]) == 2
+    assert not (run / "metrics.jsonl").read_text().strip()  # no epoch finished
+
+
+_FAILING_RANK = """\
+import os, sys
+import at_memorization.cli as cli
+from at_memorization.runtime import TrainingError
+
+original, steps = cli._ProgressCallbacks.step, []
+
+
+def step(self):  # rank 1 alone fails in its second step (as a full disk or a lost lock would)
+    steps.append(1)
+    if os.environ["RANK"] == "1" and len(steps) == 2:
+        raise TrainingError("injected failure on rank 1")
+    original(self)
+
+
+cli._ProgressCallbacks.step = step
+cli.main(sys.argv[1:])
+"""
+
+_BLOCKED_RANK = """\
+import os, sys, time
+import torch.distributed as dist
+from at_memorization.runtime import DistributedContext, report_failure
+
+ctx = DistributedContext("cpu")
+if ctx.rank == 1:  # fails but stays alive and out of the collective: rank 0 would wait there for ever
+    report_failure("injected failure on rank 1")
+    time.sleep(60)
+else:
+    dist.barrier()
+"""
+
+
+def _torchrun_script(tmp_path, script: str, *args) -> tuple[subprocess.CompletedProcess, float]:
+    worker = tmp_path / "worker.py"
+    worker.write_text(script)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+               *map(str, args)]
+    import time
+
+    began = time.monotonic()
+    result = run_with_hang_guard(command, cwd=tmp_path, env=ENV, silence_s=120)
+    return result, time.monotonic() - began
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_its_one_line_message(mnist_dir, tmp_path):
+    # Issue 29: rank 0 died in a collective with a traceback ("Connection closed by peer") when rank 1
+    # failed; every process now ends with the failing one's line.
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    result, _ = _torchrun_script(tmp_path, _FAILING_RANK, "train", *_args(mnist_dir), "--out", tmp_path / "run")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "Error: injected failure on rank 1" in output, output[-3000:]
+    assert ("Error: process 1 of this run failed: injected failure on rank 1; this process (0) stops too"
+            in output), output[-3000:]
+    assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output, output[-3000:]
+
+
+def test_a_rank_waiting_in_a_collective_stops_within_a_second_of_another_ranks_failure(tmp_path):
+    # The NCCL case on CPU: the failed process is alive but out of the collective, which then never ends.
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    result, seconds = _torchrun_script(tmp_path, _BLOCKED_RANK)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "Error: process 1 of this run failed: injected failure on rank 1; this process (0) stops too" in output
+    assert seconds < 45, seconds  # rank 1 sleeps 60 s: rank 0's watch ended the run, not rank 1's end

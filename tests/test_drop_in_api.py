@@ -13,6 +13,7 @@ import torch
 
 import at_memorization
 from at_memorization import TELoss, TEPGD, WithIndex, te_penalty, without_index
+from at_memorization.plugins.temporal_ensembling import te_schedule, trades_attack_loss
 
 PUBLIC_CALLABLES = {
     "TELoss": (TELoss, TELoss.__init__),
@@ -27,6 +28,8 @@ PUBLIC_CALLABLES = {
     "WithIndex": (WithIndex, WithIndex.__init__),
     "without_index": (without_index, without_index),
     "te_penalty": (te_penalty, te_penalty),
+    "te_schedule": (te_schedule, te_schedule),
+    "trades_attack_loss": (trades_attack_loss, trades_attack_loss),
 }
 
 _PARAM = re.compile(r"^(\*{0,2}[A-Za-z_]\w*)(?: : .*)?$")
@@ -66,9 +69,9 @@ def test_docstrings_document_exactly_the_parameters(name):
 def test_the_historical_validate_keyword_exists():
     """help(TELoss) used to document ``validate`` as if it were a keyword (TypeError when passed)."""
     assert "validate" in signature_parameters(TELoss.__init__)
-    te = TELoss(4, 3, validate=False)
+    te = TELoss(4, 3, start_epoch=1, end_epoch=2, validate=False)
     assert te.validate is False
-    assert TELoss(4, 3).validate is True
+    assert TELoss(4, 3, start_epoch=1, end_epoch=2).validate is True
 
 
 def test_the_api_is_exported_from_the_package():
@@ -96,7 +99,7 @@ def test_state_dict_round_trip_keeps_working_with_the_new_settings():
     fresh = TELoss.for_run(6, 3, epochs=10, epoch_origin=0)
     fresh.load_state_dict(te.state_dict())
     assert torch.equal(fresh.ensemble, te.ensemble)
-    TELoss(6, 3).load_state_dict(te.state_dict())  # the settings are not part of the compatibility check
+    TELoss(6, 3, start_epoch=1, end_epoch=2).load_state_dict(te.state_dict())  # settings are not checked
 
 
 # --------------------------------------------------------------------------- WithIndex / without_index

@@ -14,7 +14,9 @@ loop, its own ``attack_pgd`` with restarts in train mode, ``model.train()`` once
 from 0, a dataset with ``set_random_choices`` behind a ``Batches`` wrapper. (b) is a MAIR-style
 trainer whose SAM minimizer evaluates the cost function twice per step and whose recorder unpacks
 ``(x, y)``. (c) is a normalized model under ``TEPGD(mean=, std=)``. (d) runs a transcription of the
-official ``PGD_TE`` loop next to the drop-in API.
+official ``PGD_TE`` loop next to the drop-in API. Issue 31 added (e) TRADES' own ``trades_loss`` and
+schedule, (f) the official ``TRADES_TE`` loop in lockstep, (g) fast_adversarial's FGSM-RS
+(normalization in the loader, per-channel eps, epochs from 0, a one-cycle learning rate).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
-from at_memorization import TELoss, TEPGD, WithIndex, without_index
-from at_memorization.plugins.temporal_ensembling import TERepeatedUpdateError, TERepeatedUpdateWarning
+from at_memorization import TELoss, TEPGD, WithIndex, te_penalty, without_index
+from at_memorization.plugins.temporal_ensembling import (TERepeatedUpdateError, TERepeatedUpdateWarning,
+                                                       TEScheduleWarning, trades_attack_loss)
 
 N, C = 40, 4
 MOMENTUM, REG = 0.9, 300.0
@@ -275,7 +278,8 @@ def test_for_run_scales_the_schedule_and_states_the_origin():
     with pytest.raises(ValueError, match="epoch_origin=0"):
         te(torch.zeros(2, 3), torch.tensor([0, 1]), 0)
     # The constructor's defaults are the paper's epochs 90 and 150, in the stated counting.
-    assert (TELoss(10, 3).start_epoch, TELoss(10, 3, epoch_origin=0).start_epoch) == (90, 89)
+    with pytest.warns(TEScheduleWarning):
+        assert (TELoss(10, 3).start_epoch, TELoss(10, 3, epoch_origin=0).start_epoch) == (90, 89)
 
 
 # --------------------------------------------------------------------------- (b) a SAM-style trainer
@@ -446,7 +450,9 @@ def test_hook_made_before_the_update_reads_the_updated_ensemble():
     te.update(torch.randn(3, C), index, 1)
     hook = te.attack_penalty(index, 2)
     logits = torch.randn(3, C)
-    before = hook(logits)
+    with pytest.raises(ValueError, match="stale ensemble"):
+        hook(logits)  # the rows were last updated at epoch 1
+    before = te_penalty(logits, te.target(index), te.weight(2))
     te.update(torch.randn(3, C) * 4, index, 2)
     torch.testing.assert_close(hook(logits), te(logits, index, 2))
     assert not torch.equal(before, hook(logits))
@@ -456,7 +462,7 @@ def test_hook_made_before_the_update_reads_the_updated_ensemble():
 def test_reductions(reduction):
     te = TELoss(N, C, start_epoch=1, end_epoch=3, reduction=reduction)
     index = torch.tensor([3, 5, 7, 9])
-    te.update(torch.randn(4, C), index, 1)
+    te.update(torch.randn(4, C), index, 2)
     logits = torch.randn(4, C, requires_grad=True)
     reference = OfficialTE(1, 3)
     reference.soft = te.ensemble.clone()
@@ -506,7 +512,7 @@ def test_tepgd_on_a_normalized_model_stays_in_pixel_space(norm, eps, alpha):
     x, y = synthetic(8)
     index = torch.arange(8)
     te = TELoss(N, C, reg_weight=1e3, start_epoch=1, end_epoch=2)
-    te.update_from(inner, x, index, 1, mean=CIFAR_MEAN, std=CIFAR_STD)
+    te.update_from(inner, x, index, 2, mean=CIFAR_MEAN, std=CIFAR_STD)
     results = []
     for attack in (TEPGD(inner, te, eps=eps, alpha=alpha, steps=4, norm=norm, restarts=2, mean=CIFAR_MEAN,
                          std=CIFAR_STD),
@@ -543,7 +549,7 @@ def test_tepgd_restarts_keep_the_best_run_per_sample():
     x, y = synthetic(8)
     index = torch.arange(8)
     te = TELoss(N, C, reg_weight=1e3, start_epoch=1, end_epoch=2)
-    te.update_from(model, x, index, 1)
+    te.update_from(model, x, index, 2)
     single = TEPGD(model, te, eps=8 / 255, alpha=2 / 255, steps=3)
     torch.manual_seed(0)
     runs = [single(x, y, index=index, epoch=2) for _ in range(3)]
@@ -673,3 +679,398 @@ def test_te_follows_the_official_pgd_te_loop_bit_for_bit(api):
     assert penalties == (epochs - start + 1) * len(batches) and float(te.ensemble.sum()) > 0
     for ours, theirs in zip(model.state_dict().values(), official_model.state_dict().values()):
         assert torch.equal(ours, theirs)
+
+
+# --------------------------------------------------------------------------- (e) TRADES' own script
+# TRADES (yaodongyu/TRADES) ``trades.py``'s ``trades_loss`` (its l_inf branch) and the loop of
+# ``train_trades_cifar10.py`` (epochs from 1, ``adjust_learning_rate``: lr / 10 from epoch 75 of 76),
+# scaled to 6 epochs with the decay from epoch 5, ``.cuda()`` dropped and ``KLDivLoss(size_average=False)``
+# written ``reduction="sum"`` (the same). The drop-in version differs by the lines marked ``# TE``;
+# the reference adds the official ``TRADES_TE`` formulas inline instead.
+TRADES_EPOCHS, TRADES_DECAY_EPOCH, TRADES_LR, BETA = 6, 5, 0.05, 6.0
+
+
+def adjust_learning_rate(optimizer, epoch):
+    """train_trades_cifar10.py's schedule, scaled: lr / 10 from epoch TRADES_DECAY_EPOCH on."""
+    lr = TRADES_LR
+    if epoch >= TRADES_DECAY_EPOCH:
+        lr = TRADES_LR * 0.1
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+
+
+def trades_loss(model, x_natural, y, optimizer, step_size=0.003, epsilon=0.031, perturb_steps=10, beta=1.0,
+                penalty=None):
+    """trades.py's trades_loss; with TE, the three lines marked ``# TE`` (``penalty``: the batch's
+    ``te.attack_penalty(index, epoch)``)."""
+    criterion_kl = nn.KLDivLoss(reduction="sum")
+    model.eval()
+    batch_size = len(x_natural)
+    x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape).detach()
+    for _ in range(perturb_steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            logits_adv = model(x_adv)                                                  # TE: named
+            loss_kl = criterion_kl(F.log_softmax(logits_adv, dim=1), F.softmax(model(x_natural), dim=1))
+            if penalty is not None:
+                loss_kl = trades_attack_loss(loss_kl, logits_adv, beta, penalty)      # TE
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    model.train()
+    x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
+    optimizer.zero_grad()
+    logits = model(x_natural)
+    loss_natural = F.cross_entropy(logits, y)
+    loss_robust = (1.0 / batch_size) * criterion_kl(F.log_softmax(model(x_adv), dim=1),
+                                                    F.softmax(model(x_natural), dim=1))
+    loss = loss_natural + beta * loss_robust
+    if penalty is not None:
+        loss = loss + penalty(logits)                                                  # TE: on the clean logits
+    return loss
+
+
+def reference_trades_te_loss(model, x_natural, y, optimizer, step_size, epsilon, perturb_steps, beta, official,
+                             index, epoch1):
+    """The same trades_loss with TE as the official TRADES_TE writes it: the ensemble updated from the
+    eval-mode clean logits, ``(beta / B) * KL_sum + w * mean((softmax - p) ** 2)`` in the attack once TE
+    is on (``KL_sum`` before), ``+ w * mean(...)`` on the clean logits in the loss."""
+    criterion_kl = nn.KLDivLoss(reduction="sum")
+    model.eval()
+    batch_size = len(x_natural)
+    with torch.no_grad():
+        official.update(model(x_natural), index, epoch1)
+    te_on = epoch1 >= official.start
+    if te_on:
+        p = official.soft[index] / official.soft[index].sum(1, keepdim=True)
+        weight = official.weight(epoch1)
+    x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape).detach()
+    for _ in range(perturb_steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            logits_adv = model(x_adv)
+            loss_kl = criterion_kl(F.log_softmax(logits_adv, dim=1), F.softmax(model(x_natural), dim=1))
+            if te_on:
+                loss_kl = (beta / batch_size) * loss_kl + weight * ((F.softmax(logits_adv, dim=1) - p) ** 2).mean()
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    model.train()
+    x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
+    optimizer.zero_grad()
+    logits = model(x_natural)
+    loss_natural = F.cross_entropy(logits, y)
+    loss_robust = (1.0 / batch_size) * criterion_kl(F.log_softmax(model(x_adv), dim=1),
+                                                    F.softmax(model(x_natural), dim=1))
+    loss = loss_natural + beta * loss_robust
+    if te_on:
+        loss = loss + weight * ((F.softmax(logits, dim=1) - p) ** 2).mean()
+    return loss
+
+
+def test_trades_script_with_te_matches_the_official_trades_te_maths_step_by_step():
+    """TRADES' own script with TE added through the drop-in API, next to the same script computing the
+    official TRADES_TE formulas itself: every step's loss, the ensemble, and in the end the weights and
+    BatchNorm buffers are identical (0.0 difference). Before TE starts the reference is TRADES untouched."""
+    eps, step, steps = 8 / 255, 2 / 255, 3
+    x_all, y_all = synthetic()
+    train_set = WithIndex(torch.utils.data.TensorDataset(x_all, y_all))                      # TE
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=10, shuffle=True)
+    te = TELoss.for_run(len(train_set), C, epochs=TRADES_EPOCHS, epoch_origin=1,             # TE
+                        lr_schedule="multistep", milestones=[TRADES_DECAY_EPOCH - 1])
+    # te_schedule: 5% of 6 epochs (0.3, rounded to 0) before the decay, i.e. from the last epoch at the full
+    # learning rate; one decay, so full weight at min(6, 4 + round(0.25 * 6)) = 6, the run's end.
+    assert (te.start_epoch, te.end_epoch) == (4, 6)
+    official = OfficialTE(te.start_epoch, te.end_epoch)
+
+    model, reference = net(seed=7), net(seed=7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=TRADES_LR, momentum=0.9, weight_decay=2e-4)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=TRADES_LR, momentum=0.9, weight_decay=2e-4)
+    losses_with_te = 0
+    for epoch in range(1, TRADES_EPOCHS + 1):
+        adjust_learning_rate(optimizer, epoch)
+        adjust_learning_rate(reference_optimizer, epoch)
+        model.train()
+        reference.train()
+        for data, target, index in train_loader:
+            rng = torch.get_rng_state()
+            expected = reference_trades_te_loss(reference, data, target, reference_optimizer, step, eps, steps, BETA,
+                                                official, index, epoch)
+            expected.backward()
+            reference_optimizer.step()
+
+            torch.set_rng_state(rng)
+            te.update_from(model, data, index, epoch)                                         # TE
+            loss = trades_loss(model, data, target, optimizer, step_size=step, epsilon=eps, perturb_steps=steps,
+                               beta=BETA, penalty=te.attack_penalty(index, epoch))            # TE: penalty=
+            loss.backward()
+            optimizer.step()
+            assert torch.equal(loss, expected), (epoch, loss.item(), expected.item())
+            assert torch.equal(te.ensemble, official.soft)
+            losses_with_te += epoch >= te.start_epoch
+    assert losses_with_te == 3 * 4 and float(te.ensemble.sum()) > 0
+    for ours, theirs in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs)
+
+
+def test_trades_attack_loss_scales_the_kl_only_once_te_is_on():
+    """Item 1 of issue 31: the attack of a TRADES loop maximizes ``(beta / B) * KL_sum + penalty`` once TE
+    is on (the official TRADES_TE), ``KL_sum`` alone before; a batch-mean CE-style ``KL + penalty``
+    would weaken the penalty by B / beta."""
+    te = TELoss(N, C, start_epoch=2, end_epoch=3)
+    index = torch.arange(8)
+    logits_adv, kl_sum = torch.randn(8, C), torch.tensor(3.7)
+    before = te.attack_penalty(index, 1)
+    assert not before.active and trades_attack_loss(kl_sum, logits_adv, BETA, before) is kl_sum
+    assert trades_attack_loss(kl_sum, logits_adv, BETA, None) is kl_sum
+    te.update(torch.randn(8, C), index, 2)
+    penalty = te.attack_penalty(index, 2)
+    p = te.ensemble[index] / te.ensemble[index].sum(1, keepdim=True)
+    expected = (BETA / 8) * kl_sum + te.weight(2) * ((F.softmax(logits_adv, dim=1) - p) ** 2).mean()
+    assert torch.equal(trades_attack_loss(kl_sum, logits_adv, BETA, penalty), expected)
+    # The methods' TRADES attack computes its inner loss with the same helper.
+    from at_memorization.attacks import PenalizedTPGD
+
+    attack = PenalizedTPGD(net(), beta=BETA)
+    target = F.softmax(torch.randn(8, C), dim=1)
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), target, reduction="sum")
+    assert torch.equal(attack._inner_loss(logits_adv, target, penalty),
+                       trades_attack_loss(kl, logits_adv, BETA, penalty))
+    assert torch.equal(attack._inner_loss(logits_adv, target, before), kl)
+
+
+# --------------------------------------------------------------------------- (f) the official TRADES_TE loop
+class OfficialTRADES_TE:
+    """memorization-AT loss.py ``TRADES_TE`` (its linf branch), ``.cuda()`` dropped and
+    ``KLDivLoss(size_average=False)`` written ``reduction="sum"`` (the same); returns the adversarial
+    batch too."""
+
+    def __init__(self, num_samples=50000, num_classes=10, momentum=0.9, es=90, step_size=0.003, epsilon=0.031,
+                 perturb_steps=10, beta=6.0):
+        self.soft_labels = torch.zeros(num_samples, num_classes, dtype=torch.float)
+        self.momentum, self.es, self.step_size, self.epsilon = momentum, es, step_size, epsilon
+        self.perturb_steps, self.beta = perturb_steps, beta
+
+    def __call__(self, x_natural, y, index, epoch, model, optimizer, weight):
+        criterion_kl = nn.KLDivLoss(reduction="sum")
+        model.eval()
+        batch_size = len(x_natural)
+        logits = model(x_natural)
+        if epoch >= self.es:
+            prob = F.softmax(logits.detach(), dim=1)
+            self.soft_labels[index] = self.momentum * self.soft_labels[index] + (1 - self.momentum) * prob
+            soft_labels_batch = self.soft_labels[index] / self.soft_labels[index].sum(1, keepdim=True)
+        x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape).detach()
+        for _ in range(self.perturb_steps):
+            x_adv.requires_grad_()
+            with torch.enable_grad():
+                logits_adv = model(x_adv)
+                loss_kl = criterion_kl(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1))
+                if epoch >= self.es:
+                    loss = (self.beta / batch_size) * loss_kl + weight * ((F.softmax(logits_adv, dim=1) - soft_labels_batch) ** 2).mean()
+                else:
+                    loss = loss_kl
+            grad = torch.autograd.grad(loss, [x_adv])[0]
+            x_adv = x_adv.detach() + self.step_size * torch.sign(grad.detach())
+            x_adv = torch.min(torch.max(x_adv, x_natural - self.epsilon), x_natural + self.epsilon)
+            x_adv = torch.clamp(x_adv, 0.0, 1.0)
+        model.train()
+        optimizer.zero_grad()
+        x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
+        logits = model(x_natural)
+        logits_adv = model(x_adv)
+        loss_natural = F.cross_entropy(logits, y)
+        loss_robust = (1.0 / batch_size) * criterion_kl(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1))
+        if epoch >= self.es:
+            loss = loss_natural + self.beta * loss_robust + weight * ((F.softmax(logits, dim=1) - soft_labels_batch) ** 2).mean()
+        else:
+            loss = loss_natural + self.beta * loss_robust
+        return loss, x_adv
+
+
+def drop_in_trades_te_step(model, x, y, index, epoch, optimizer, te, eps, step, steps, beta):
+    """The same step written with the drop-in API: ``update_from``, ``trades_attack_loss`` and ``te(...)``."""
+    criterion_kl = nn.KLDivLoss(reduction="sum")
+    te.update_from(model, x, index, epoch)
+    penalty = te.attack_penalty(index, epoch)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape).detach()
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        logits_adv = model(x_adv)
+        loss_kl = criterion_kl(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1))
+        grad = torch.autograd.grad(trades_attack_loss(loss_kl, logits_adv, beta, penalty), [x_adv])[0]
+        x_adv = x_adv.detach() + step * torch.sign(grad.detach())
+        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
+    model.train()
+    optimizer.zero_grad()
+    logits = model(x)
+    logits_adv = model(x_adv)
+    loss_natural = F.cross_entropy(logits, y)  # before loss_robust: autograd sums the gradients in this order
+    loss_robust = (1.0 / len(x)) * criterion_kl(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1))
+    return loss_natural + beta * loss_robust + te(logits, index, epoch), x_adv
+
+
+def test_te_follows_the_official_trades_te_loop_bit_for_bit():
+    """Next to the PGD_TE lockstep: the official TRADES_TE loop and the drop-in API from the same weights
+    and random state are bit-identical over 5 epochs (losses, adversarial batches, ensemble, weights,
+    BatchNorm buffers), before and after TE starts; the ``trades-te`` method, run on the official
+    model's weights at every step, makes the same adversarial batch and ensemble. Pixels lie in
+    [0.1, 0.9], where torchattacks' projection and start round as the official code's (see the PGD_TE test)."""
+    import copy as copying
+
+    from at_memorization.methods import TrainingSetup, get_method
+
+    epochs, start, end = 5, 2, 4
+    eps, step, steps = 8 / 255, 2 / 255, 4
+    x_all, y_all = synthetic(low=0.1, high=0.9)
+    batches = [torch.arange(i, i + 10) for i in range(0, N, 10)]
+    official_model, model = net(seed=8), net(seed=8)
+    official_opt = torch.optim.SGD(official_model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    official = OfficialTRADES_TE(N, C, MOMENTUM, es=start, step_size=step, epsilon=eps, perturb_steps=steps, beta=BETA)
+    te = TELoss(N, C, momentum=MOMENTUM, reg_weight=REG, start_epoch=start, end_epoch=end)
+    setup = TrainingSetup(num_samples=N, num_classes=C, epochs=epochs, eps=eps, step_size=step, steps=steps)
+    method = get_method("trades-te")(setup, beta=BETA, te_start=start, te_end=end, te_weight=REG, te_momentum=MOMENTUM)
+    for epoch in range(1, epochs + 1):
+        weight = official_ramp(epoch, start, end) * REG
+        official_model.train()
+        model.train()
+        for index in batches:
+            x, y = x_all[index], y_all[index]
+            before_step = copying.deepcopy(official_model)
+            rng = torch.get_rng_state()
+            official_loss, official_adv = official(x, y, index, epoch, official_model, official_opt, weight)
+            official_loss.backward()
+            official_opt.step()
+
+            torch.set_rng_state(rng)
+            loss, x_adv = drop_in_trades_te_step(model, x, y, index, epoch, opt, te, eps, step, steps, BETA)
+            loss.backward()
+            opt.step()
+            assert torch.equal(loss, official_loss), (epoch, loss.item(), official_loss.item())
+            assert torch.equal(x_adv, official_adv) and torch.equal(te.ensemble, official.soft_labels)
+
+            torch.set_rng_state(rng)
+            method_adv = method.attack(before_step, x, y, index, epoch)
+            assert torch.equal(method_adv, official_adv), (epoch, (method_adv - official_adv).abs().max())
+            assert torch.equal(method.extension("te").te.ensemble, official.soft_labels)
+    assert float(te.ensemble.sum()) > 0
+    for ours, theirs in zip(model.state_dict().values(), official_model.state_dict().values()):
+        assert torch.equal(ours, theirs)
+
+
+# --------------------------------------------------------------------------- (g) fast_adversarial's FGSM-RS
+# locuslab/fast_adversarial CIFAR10/train_fgsm.py: normalization in the loader (transforms.Normalize),
+# epsilon and alpha per channel in normalized units ((8 / 255) / std), a random start drawn per channel,
+# epochs from 0, CyclicLR stepped every iteration (a one-cycle schedule peaking at half the run). Apex's
+# amp.scale_loss is left out (``loss.backward()``), ``.cuda()`` dropped.
+FAST_MEAN, FAST_STD = torch.tensor(CIFAR_MEAN).view(3, 1, 1), torch.tensor(CIFAR_STD).view(3, 1, 1)
+fast_upper_limit, fast_lower_limit = (1 - FAST_MEAN) / FAST_STD, (0 - FAST_MEAN) / FAST_STD
+
+
+class NormalizingDataset(torch.utils.data.Dataset):
+    """A loader's ``transforms.Normalize(cifar10_mean, cifar10_std)``: items come out normalized."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return (self.x[i] - FAST_MEAN) / FAST_STD, self.y[i]
+
+
+def fgsm_rs_epoch(model, loader, opt, scheduler, epsilon, alpha, epoch, te=None, official=None):
+    """One epoch of train_fgsm.py's loop. ``te``: the drop-in lines marked ``# TE``; ``official``: the
+    official TE formulas computed inline instead (epochs from 1 there: ``epoch + 1``)."""
+    losses = []
+    for X, y, index in loader:
+        if te is not None:
+            te.update_from(model, X, index, epoch)                               # TE: X as the model takes it
+            penalty = te.attack_penalty(index, epoch)                            # TE
+        if official is not None:
+            model.eval()
+            with torch.no_grad():
+                official.update(model(X), index, epoch + 1)
+            model.train()
+            te_on = epoch + 1 >= official.start
+        delta = torch.zeros_like(X)
+        for j in range(len(epsilon)):
+            delta[:, j, :, :].uniform_(-epsilon[j][0][0].item(), epsilon[j][0][0].item())
+        delta.data = clamp(delta, fast_lower_limit - X, fast_upper_limit - X)
+        delta.requires_grad = True
+        output = model(X + delta[:X.size(0)])
+        loss = F.cross_entropy(output, y)
+        if te is not None:
+            loss = loss + penalty(output)                                        # TE
+        if official is not None and te_on:
+            loss = loss + official.penalty(output, index, epoch + 1)
+        loss.backward()
+        grad = delta.grad.detach()
+        delta.data = clamp(delta + alpha * torch.sign(grad), -epsilon, epsilon)
+        delta.data[:X.size(0)] = clamp(delta[:X.size(0)], fast_lower_limit - X, fast_upper_limit - X)
+        delta = delta.detach()
+        output = model(X + delta[:X.size(0)])
+        loss = F.cross_entropy(output, y)
+        if te is not None:
+            loss = loss + te(output, index, epoch)                               # TE
+        if official is not None and te_on:
+            loss = loss + official.penalty(output, index, epoch + 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        scheduler.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def test_fast_adversarial_fgsm_rs_with_te_matches_the_official_te_maths_step_by_step():
+    """FGSM-RS as fast_adversarial writes it, with TE through the drop-in API, next to the same loop
+    computing the official TE formulas inline: every step's loss, the ensemble, and in the end the
+    weights and BatchNorm buffers are identical (0.0 difference); before TE starts both are the
+    untouched script. TE's schedule comes from the one-cycle learning rate (``te_schedule``)."""
+    epochs, batch_size = 6, 10
+    x_all, y_all = synthetic()
+    train_set = WithIndex(NormalizingDataset(x_all, y_all))                        # TE
+    epsilon, alpha = (8 / 255) / FAST_STD, (10 / 255) / FAST_STD
+    te = TELoss.for_run(len(train_set), C, epochs=epochs, epoch_origin=0,          # TE: epochs from 0,
+                        lr_schedule="one-cycle", peak=epochs / 2)                  # TE: CyclicLR peaks at half
+    # 45% and 75% of the annealing half after the peak: 3 + 1.35 -> 4 and 3 + 2.25 -> 5, counted from 1.
+    assert (te.start_epoch, te.end_epoch) == (3, 4)
+    official = OfficialTE(te.start_epoch + 1, te.end_epoch + 1)
+
+    runs = []
+    for use_te in (True, False):
+        torch.manual_seed(0)  # the same shuffles and random starts for both loops
+        model = net(seed=9)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True)
+        lr_steps = epochs * len(loader)
+        scheduler = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=0.2, step_size_up=lr_steps / 2,
+                                                      step_size_down=lr_steps / 2, cycle_momentum=False)
+        losses, ensembles = [], []
+        for epoch in range(epochs):
+            losses += fgsm_rs_epoch(model, loader, opt, scheduler, epsilon, alpha, epoch,
+                                    te=te if use_te else None, official=None if use_te else official)
+            ensembles.append(te.ensemble.clone() if use_te else official.soft.clone())
+        runs.append((model, losses, ensembles))
+    (model, losses, ensembles), (reference, expected, expected_ensembles) = runs
+    assert len(losses) == epochs * 4
+    for step, (loss, reference_loss) in enumerate(zip(losses, expected)):
+        assert torch.equal(loss, reference_loss), (step, loss.item(), reference_loss.item())
+    for ours, theirs in zip(ensembles, expected_ensembles):
+        assert torch.equal(ours, theirs)
+    assert float(ensembles[-1].sum()) > 0 and float(ensembles[te.start_epoch - 1].sum()) == 0  # TE from epoch 3 on
+    for ours, theirs in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    # The loader normalizes: giving update_from mean=/std= as well would normalize twice, and is refused.
+    X, _, index = next(iter(torch.utils.data.DataLoader(train_set, batch_size=batch_size)))
+    with pytest.raises(ValueError, match="normalized twice"):
+        te.update_from(model, X, index, epochs - 1, mean=CIFAR_MEAN, std=CIFAR_STD)

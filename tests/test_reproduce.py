@@ -324,8 +324,10 @@ def test_sigterm_then_sigint_stop_every_child_and_the_same_command_resumes_to_th
             log = (out / "logs" / f"{run.name}.train.log").read_text()
             assert f"--out {run} --quiet --resume" in log, log
 
-        # 3. The same command to the end.
-        result = _reproduce(plan, out, "--jobs", 2)
+        # 3. The same command to the end, but with more threads per child (as when fewer tasks are left
+        # than --jobs): a resumed run still computes with the thread count it started with.
+        started_with = json.loads((reference / "runs" / RUNS[0] / "config.json").read_text())["config"]["threads"]
+        result = _reproduce(plan, out, "--jobs", 2, "--threads", started_with + 1)
     finally:
         _kill_leftovers(out)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -334,6 +336,10 @@ def test_sigterm_then_sigint_stop_every_child_and_the_same_command_resumes_to_th
     # The resumed runs equal the uninterrupted ones of the same plan.
     for name in RUNS:
         mine, theirs = out / "runs" / name, reference / "runs" / name
+        assert json.loads((mine / "config.json").read_text())["config"]["threads"] == started_with, name
+        resumes = [json.loads(line) for line in (mine / "history.jsonl").read_text().splitlines()
+                   if json.loads(line)["event"] == "resumed"] if (mine / "history.jsonl").exists() else []
+        assert all(event["threads"] == started_with for event in resumes), resumes
         assert _metrics(mine) == _metrics(theirs), name
         for checkpoint in ("best", "last"):
             assert _accuracies(mine, checkpoint) == _accuracies(theirs, checkpoint), (name, checkpoint)
@@ -733,6 +739,12 @@ def test_an_edited_plan_under_a_finished_study_is_refused_naming_the_run_and_set
             assert_one_line_error(result, "runs/pgd-at-s0 was trained with other settings than the plan's", "'eps'",
                                   "saved 0.1, given 0.2", exit_code=1)
         assert _tree(out) == before  # nothing ran, nothing was rewritten
+        # A removed setting differs too (its default would apply): issue 33, item 3, with real runs.
+        removed = plan.read_text().replace("eps = 0.1\n", "")
+        (out / "plan.toml").write_text(removed)
+        changed.write_text(removed)
+        assert_one_line_error(_reproduce(changed, out, "--dry-run"), "'eps'", f"saved 0.1, given {8 / 255!r}",
+                              exit_code=1)
     finally:
         (out / "plan.toml").write_text(saved)
 
@@ -747,8 +759,8 @@ def test_a_run_folder_saved_with_another_setting_is_refused_with_both_values(pla
     run = read_plan(plan).runs[0]
     saved = out / "runs" / run.name
     saved.mkdir(parents=True)
-    (saved / "config.json").write_text(json.dumps({"config": dict(run.given, eps=0.2),
-                                                   "method": dict(run.given_method)}))
+    settings, method = run.whole_settings()  # as a run records them: every setting, resolved
+    (saved / "config.json").write_text(json.dumps({"config": dict(settings, eps=0.2), "method": method}))
     result = invoke("reproduce", plan, "--out", out, "--dry-run")
     assert_one_line_error(result, f"runs/{run.name} was trained with other settings than the plan's: 'eps' (saved "
                           "0.2, given 0.1); restore the plan, or move the run folder away", exit_code=1)

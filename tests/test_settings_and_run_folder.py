@@ -108,15 +108,22 @@ def test_divergence_with_step_checkpoints_leaves_finite_checkpoints_and_true_adv
     run = _copy(finished_run, tmp_path)
     diverged = invoke("train", "--resume", "--out", run, "--override", "epochs=5", "--override", "milestones=2",
                       "--override", "lr=1000", "--checkpoint-every-steps", 1, "--quiet", "--device", "cpu")
-    message = assert_one_line_error(diverged, "diverged", "checked to be finite")
+    message = assert_one_line_error(diverged, "diverged")
     for name in ("last.pt", "last-prev.pt", "best.pt"):
         assert _finite(run / name), name
+    if "diverged already" in message:
+        # Issue 33, item 7: at lr 1000 the last finite checkpoint's weights have grown by orders of
+        # magnitude; a resume from it at any lower lr diverged again, so it is not offered
+        named = Path(message.split("the last finite checkpoint ")[1].split(" (")[0])
+        assert named.is_file() and _finite(named)
+        assert "--resume" not in message and "start a new run with a lower learning rate" in message, message
+        return
     named = Path(message.split("the last good checkpoint is ")[1].split(" (")[0])
-    assert named.is_file() and _finite(named)
+    assert named.is_file() and _finite(named) and "checked to be finite" in message
     command = message.split("continue from it with a lower learning rate: ")[1].split()
     assert command[:2] == ["at-mem", "train"]
     followed = invoke(*command[1:], "--quiet", "--device", "cpu")
-    # it resumes (no "not finite", no "already holds a run"); at lr 100 it may diverge again, saying so
+    # it resumes (no "not finite", no "already holds a run")
     assert followed.exit_code == 0 or "diverged" in followed.output, followed.output
 
 

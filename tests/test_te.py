@@ -12,6 +12,7 @@ import torchattacks
 from at_memorization import TELoss, TEPGD
 from at_memorization.methods import TrainingSetup, get_method
 from at_memorization.methods.base import MethodError
+from at_memorization.plugins.temporal_ensembling import TEScheduleWarning
 
 
 def reference_ramp(e, start, end):
@@ -24,7 +25,8 @@ def reference_ramp(e, start, end):
 
 @pytest.mark.parametrize("epoch", [1, 89, 90, 91, 100, 120, 149, 150, 151, 200])
 def test_weight_follows_the_papers_ramp(epoch):
-    te = TELoss(num_samples=4, num_classes=3)  # defaults: 300, start 90, end 150
+    with pytest.warns(TEScheduleWarning):  # the paper's schedule fits 200-epoch runs only, and it says so
+        te = TELoss(num_samples=4, num_classes=3)  # defaults: 300, start 90, end 150
     assert te.weight(epoch) == pytest.approx(300.0 * reference_ramp(epoch, 90, 150), rel=1e-12)
 
 
@@ -72,8 +74,8 @@ def test_nothing_happens_before_start_epoch():
 def test_penalty_value_and_gradient_match_the_formula():
     torch.manual_seed(1)
     n, c, epoch = 10, 6, 7
-    te = TELoss(n, c, momentum=0.9, reg_weight=300.0, start_epoch=5, end_epoch=9)
-    index = torch.tensor([1, 4, 4, 9])
+    te = TELoss(n, c, momentum=0.9, reg_weight=300.0, start_epoch=5, end_epoch=9, allow_duplicate_indices=True)
+    index = torch.tensor([1, 4, 4, 9])  # a sample twice in the batch (a sampler drawing with replacement)
     for _ in range(3):
         te.update(torch.randn(4, c), index, epoch)
     logits = torch.randn(4, c, dtype=torch.float32, requires_grad=True)
@@ -98,7 +100,7 @@ def test_ensemble_is_fp32_under_autocast_and_casts():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = torch.nn.Linear(4, 3)(torch.randn(2, 4))
         assert logits.dtype == torch.bfloat16
-        te.update(logits, torch.tensor([0, 5]), epoch=1)
+        te.update(logits, torch.tensor([0, 5]), epoch=2)
         penalty = te(logits, torch.tensor([0, 5]), epoch=2)
     assert te.ensemble.dtype == torch.float32
     assert penalty.dtype == torch.float32
@@ -164,7 +166,7 @@ def test_tepgd_inner_loss_includes_the_penalty():
     model = _tiny_model().eval()
     x, y, index = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0]), torch.arange(5)
     te = TELoss(5, 4, reg_weight=1e4, start_epoch=1, end_epoch=2)
-    te.update(torch.randn(5, 4) * 5, index, epoch=1)  # an ensemble far from the model's predictions
+    te.update(torch.randn(5, 4) * 5, index, epoch=3)  # an ensemble far from the model's predictions
     attack = TEPGD(model, te, eps=8 / 255, alpha=2 / 255, steps=5)
     torch.manual_seed(3)
     with_penalty = attack(x, y, index=index, epoch=3)

@@ -42,7 +42,7 @@ def test_teloss_sizes_must_be_ints(num_samples, num_classes, bad):
     # Integer-like sizes (numpy ints, 0-d integer tensors) still work, as plain ints.
     import numpy as np
 
-    te = TELoss(np.int64(5), torch.tensor(3))
+    te = TELoss(np.int64(5), torch.tensor(3), start_epoch=1, end_epoch=2)
     assert (te.num_samples, te.num_classes) == (5, 3) and te.ensemble.shape == (5, 3)
     assert type(te.num_samples) is int and type(te.num_classes) is int
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from at_memorization import checkpoint as ckpt
-from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingError, learning_rate
+from at_memorization.training import Callbacks, RunConfig, Trainer, TrainingError, learning_rate, with_threads
 from at_memorization.settings import SettingError
 from cli_testing import subprocess_env, tiny_train_args
 from subprocess_guard import communicate_with_hang_guard, run_with_hang_guard
@@ -92,7 +92,9 @@ def test_tiny_run_writes_everything(mnist_dir, tmp_path):
     assert ("begin", 1, 4) in events and ("end", 2) in events  # 256 / 64 = 4 batches
 
     last = ckpt.load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 2 and last["config"] == config.resolve().to_dict() and last["dataset"] == "mnist"
+    # the settings as resolved, with the thread count computed with and the method's settings resolved
+    recorded = {**with_threads(config.resolve()).to_dict(), "method_args": last["method"]["config"]}
+    assert last["epoch"] == 2 and last["config"] == recorded and last["dataset"] == "mnist"
     assert last["history"] == records
     best = ckpt.load_checkpoint(run / "best.pt")
     assert best["epoch"] == last["best"]["epoch"]
@@ -233,6 +235,9 @@ def test_absurd_learning_rate_diverges_cleanly(mnist_dir, tmp_path):
     assert "diverged" in message and "\n" not in message
     if "diverged at epoch 1" in message:
         assert "init.pt" in message and not (run / "last.pt").exists() and "--lr 1e+11" in message
+    elif "diverged already" in message:  # epoch 1's weights grew far past the initial ones: no resume offered
+        assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
+        assert "--resume" not in message and "start a new run with a lower learning rate" in message
     else:
         assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
         # the advice can be followed: resume with a lower lr, recorded in the run's history

@@ -199,3 +199,136 @@ def test_the_history_events_of_a_resume_keep_their_order(mnist_dir, tmp_path):
     Trainer(config, run, device="cpu", resume=True, overrides={"epochs": 2}).fit()
     events = [json.loads(line)["event"] for line in (run / "history.jsonl").read_text().splitlines()]
     assert events == ["override", "tracking-lost", "config-repaired", "resumed"]
+
+
+def test_a_resume_computes_with_the_thread_count_the_run_started_with(mnist_dir, tmp_path):
+    # Issue 33, item 2: on a CPU the thread count changes how sums are split, so a run resumed in a
+    # process with more threads (a study rerun with fewer tasks left than --jobs) must keep its own.
+    import json
+
+    from at_memorization.training import TrainingError, TrainingInterrupted
+
+    before = torch.get_num_threads()
+    config = _tiny(mnist_dir, epochs=3, train_size=128, milestones=[2])
+    try:
+        torch.set_num_threads(1)
+        Trainer(config, tmp_path / "full", device="cpu").fit()
+        callbacks = Callbacks()
+        cut = Trainer(config, tmp_path / "cut", device="cpu", callbacks=callbacks)
+        callbacks.epoch_end = lambda record: cut.request_stop("test") if record["epoch"] == 1 else None
+        with pytest.raises(TrainingInterrupted):
+            cut.fit()
+        torch.set_num_threads(2)  # the resuming process has other threads
+        logged = []
+        resumed = Trainer(config, tmp_path / "cut", device="cpu", resume=True, callbacks=Callbacks(log=logged.append))
+        assert resumed.config.threads == 1 and torch.get_num_threads() == 1
+        assert any("computing with 1 thread as this run started" in line for line in logged), logged
+        resumed.fit()
+        torch.set_num_threads(2)
+        with pytest.raises(TrainingError, match="'threads' \\(saved 1, given 2\\).*--override threads"):
+            Trainer(dataclasses.replace(config, threads=2), tmp_path / "cut", device="cpu", resume=True)
+    finally:
+        torch.set_num_threads(before)
+    for run in ("full", "cut"):
+        assert json.loads((tmp_path / run / "config.json").read_text())["config"]["threads"] == 1
+    events = [json.loads(line) for line in (tmp_path / "cut" / "history.jsonl").read_text().splitlines()]
+    assert [e["threads"] for e in events if e["event"] == "resumed"] == [1]
+    full, again = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("full", "cut"))
+    _equal(full["model"], again["model"], "model")
+    assert full["config"] == again["config"]  # the settings recorded alike, thread count included
+
+
+def test_a_resumed_checkpoint_records_the_settings_an_uninterrupted_one_does(mnist_dir, tmp_path):
+    # Issue 33, item 7: a resumed run's checkpoints held the method's settings resolved in
+    # config.method_args where an uninterrupted run's held them as given, so they differed byte for byte.
+    from at_memorization.training import TrainingInterrupted
+
+    config = _tiny(mnist_dir, method="pgd-at-te", epochs=2, milestones=[1])
+    Trainer(config, tmp_path / "full", device="cpu").fit()
+    callbacks = Callbacks()
+    cut = Trainer(config, tmp_path / "cut", device="cpu", callbacks=callbacks)
+    callbacks.epoch_end = lambda record: cut.request_stop("test") if record["epoch"] == 1 else None
+    with pytest.raises(TrainingInterrupted):
+        cut.fit()
+    Trainer(config, tmp_path / "cut", device="cpu", resume=True).fit()
+    full, again = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("full", "cut"))
+    assert full["config"] == again["config"]
+    assert full["config"]["method_args"] == full["method"]["config"] == {"te_momentum": 0.9, "te_weight": 300.0,
+                                                                         "te_start": 1, "te_end": 2}
+    _equal(full["model"], again["model"], "model")
+
+
+def test_an_override_resume_stopped_before_its_first_checkpoint_leaves_no_record_of_the_override(mnist_dir,
+                                                                                                  tmp_path):
+    # Issue 33, item 7: the override was written to config.json and history.jsonl when training began,
+    # so a resume killed before its first checkpoint left records that no checkpoint had.
+    import json
+
+    from at_memorization.training import resume_config
+
+    run = tmp_path / "run"
+    Trainer(_tiny(mnist_dir), run, device="cpu").fit()
+    files = {name: (run / name).read_bytes() for name in ("config.json", "last.pt")}
+    config, _ = resume_config(run, {"epochs": 2, "lr": 0.01})
+
+    class Killed(Exception):
+        pass
+
+    def die():
+        raise Killed  # as a SIGKILL in the middle of the first step: nothing after it runs
+
+    with pytest.raises(Killed):
+        Trainer(config, run, device="cpu", resume=True, overrides={"epochs": 2, "lr": 0.01},
+                callbacks=Callbacks(step=die)).fit()
+    assert {name: (run / name).read_bytes() for name in files} == files
+    assert not (run / "history.jsonl").exists()
+    # the next resume continues with what the checkpoint holds, and the override, given again, is recorded
+    # once, with the checkpoint that has it
+    config, _ = resume_config(run, {"epochs": 2, "lr": 0.01})
+    Trainer(config, run, device="cpu", resume=True, overrides={"epochs": 2, "lr": 0.01}).fit()
+    events = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["override", "resumed"]
+    assert events[0]["changes"] == {"epochs": [1, 2], "lr": [0.1, 0.01]}
+    assert json.loads((run / "config.json").read_text())["config"]["lr"] == 0.01
+
+
+def test_a_finished_run_with_a_cut_config_json_gets_it_rewritten_from_its_checkpoint(mnist_dir, tmp_path):
+    # Issue 33, item 7: "rewriting it from last.pt" was printed, and nothing was rewritten.
+    import json
+
+    run = tmp_path / "run"
+    assert invoke("train", *tiny_train_args(mnist_dir, run)).exit_code == 0
+    whole = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text((run / "config.json").read_text()[:40])
+    result = invoke("train", "--out", run, "--resume", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "rewriting it from" in result.output and "already finished" in result.output
+    repaired = json.loads((run / "config.json").read_text())
+    assert repaired["config"] == whole["config"] and repaired["method"] == whole["method"]
+
+
+def test_the_divergence_advice_never_sends_a_user_back_to_weights_that_diverged_already(mnist_dir, tmp_path):
+    # Issue 33, item 7: the advice named a "finite" checkpoint whose weights were 3.7e18, so every
+    # lower learning rate it suggested diverged again.
+    from at_memorization.checkpoint import save_atomic
+    from at_memorization.runfolder import RunFolder
+    from at_memorization.training import guard
+
+    run = tmp_path / "run"
+    Trainer(_tiny(mnist_dir), run, device="cpu").fit()
+    config = _tiny(mnist_dir)
+
+    def advice() -> str:
+        folder = RunFolder(run)
+        folder.load_resumable()  # as a resume does: last_good is the checkpoint checked to be finite
+        return str(guard.diverged("at epoch 2", folder, config, {}))
+
+    sane = advice()
+    assert "the last good checkpoint is" in sane and "--override lr=0.01" in sane, sane
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["model"] = {k: v * 3.7e18 if v.is_floating_point() else v for k, v in state["model"].items()}
+    save_atomic(state, run / "last.pt")
+    blown = advice()
+    assert "diverged already" in blown and "times the initial norm" in blown, blown
+    assert "--resume" not in blown and "its settings with --lr 0.01, in another --out" in blown, blown
+    assert "\n" not in blown

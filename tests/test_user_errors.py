@@ -24,6 +24,8 @@ from at_memorization.user_errors import AnalysisError, UserError, one_line_error
 NOT_USER_ERRORS = {
     "TrainingInterrupted": "a requested stop (a signal); the CLI reports it with exit status 128 + the signal",
     "TrainingInterruptedBeforeStart": "a click exception already: click prints it and sets its exit status",
+    "StoppedBeforeStart": "a requested stop while a run starts (a BaseException, as KeyboardInterrupt, that no "
+                          "loader catches); `at-mem train` reports it as TrainingInterruptedBeforeStart",
     "NonFiniteCheckpoint": "never reaches the user: the trainer reports it as divergence (a TrainingError)",
     "TERepeatedUpdateError": "a bug in the calling training loop (TELoss.update_from twice in one step): a "
                              "traceback helps",

@@ -47,6 +47,13 @@ def _write_json(path, obj, plot_path=None, plot=None) -> None:
         click.echo(f"wrote {plot(plot_path)}")
 
 
+def _check_seed(seed) -> None:
+    """A run's seed bounds (NumPy's seeding takes 0 <= seed < 2**32): a one-line SettingError."""
+    from ..settings import SETTINGS_BY_NAME
+
+    SETTINGS_BY_NAME["seed"].check(seed)
+
+
 def _device(device):
     from ..runtime import resolve_device
 
@@ -83,6 +90,7 @@ def gradient_stability_command(checkpoint, output, plot_path, data_dir, n_batche
 
     for name, value in (("--n-batches", n_batches), ("--batch-size", batch_size), ("--draws", draws)):
         _positive(name, value)
+    _check_seed(seed)
     result = gradient_stability_for_checkpoint(checkpoint, radii=radii, n_batches=n_batches, batch_size=batch_size,
                                                draws=draws, data_dir=data_dir, device=_device(device), seed=seed,
                                                beta=beta)
@@ -122,6 +130,7 @@ def measures_command(checkpoints, output, data_dir, n_points, gap_points, margin
     for name, value in (("--n-points", n_points), ("--gap-points", gap_points), ("--sigma", sigma),
                         ("--draws", draws), ("--awp-gamma", awp_gamma), ("--awp-steps", awp_steps)):
         _positive(name, value)
+    _check_seed(seed)
     if not 0 <= margin_percentile <= 100:
         raise click.ClickException(f"--margin-percentile must be in [0, 100], got {margin_percentile}")
     device = _device(device)

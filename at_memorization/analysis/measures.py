@@ -33,6 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_initial_weights
 from .common import finite_or_none, load_for_analysis, pgd_examples, take, test_split, training_split
 from ..evaluation import correct_flags
 from ..attacks import margins, selection_pgd
@@ -95,13 +96,19 @@ def path_norm(model: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
     return squared(torch.ones((1, *input_shape), dtype=torch.float64, device=device)).sum().item()
 
 
-def distance_from_init(model: torch.nn.Module, init_state: dict) -> float:
-    """``||theta - theta_0||_2`` over all trainable parameters."""
+def distance_from_init(model: torch.nn.Module, init_state: dict, source: str = "the initial weights") -> float:
+    """``||theta - theta_0||_2`` over all trainable parameters; ``source`` names ``init_state`` (its file)."""
     total = 0.0
     for name, p in model.named_parameters():
         if name not in init_state:
-            raise AnalysisError(f"init.pt lacks parameter {name!r}: it belongs to another model")
-        total += (p.detach().double().cpu() - init_state[name].double()).pow(2).sum().item()
+            raise AnalysisError(f"{source}: no parameter {name!r}: it belongs to another model")
+        initial = init_state[name]
+        if not isinstance(initial, torch.Tensor) or initial.shape != p.shape:
+            found = f"has shape {list(initial.shape)}" if isinstance(initial, torch.Tensor) else \
+                f"is a {type(initial).__name__}"
+            raise AnalysisError(f"{source}: parameter {name!r} {found}, the model's has shape {list(p.shape)}: "
+                                "it belongs to another model")
+        total += (p.detach().double().cpu() - initial.double()).pow(2).sum().item()
     return math.sqrt(total)
 
 
@@ -214,8 +221,7 @@ def measure_checkpoint(path, *, n_points: int = 512, gap_points: int = 512, marg
     values = {k: norms[k] for k in ("log_prod_frobenius", "sum_frobenius", "log_prod_spectral")}
     init_file = RunFolder(loaded.run_dir).init
     if init_file.is_file():
-        values["distance_from_init"] = distance_from_init(model, torch.load(init_file, map_location="cpu",
-                                                                            weights_only=True))
+        values["distance_from_init"] = distance_from_init(model, load_initial_weights(init_file), str(init_file))
     else:
         values["distance_from_init"] = None
     values["path_norm"] = path_norm(model, tuple(train.shape))

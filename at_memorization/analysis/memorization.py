@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_labels
+from ..checkpoint import CheckpointError, load_labels, load_tracking as load_tracking_file
 from ..records import best_record
 from ..runfolder import RunFolder
 from .common import read_metrics
@@ -41,12 +41,12 @@ def load_tracking(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise AnalysisError(f"{path} not found: train the run with --track-samples to record per-sample "
                             f"adversarial correctness")
-    try:
-        tracked = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise AnalysisError(f"{path}: unreadable ({type(error).__name__})") from error
-    if not isinstance(tracked, dict) or "adv_correct" not in tracked or tracked["adv_correct"].dim() != 2:
-        raise AnalysisError(f"{path}: not a tracking file (expected 'adv_correct' of shape (epochs, samples))")
+    try:  # the trainer's checks: a dict of uint8 flags and float16 losses of one (epochs, samples) shape
+        tracked = load_tracking_file(path, None, None)
+    except CheckpointError as error:
+        raise AnalysisError(str(error)) from None
+    if bool((tracked["adv_correct"] > 1).any()):  # flags read as booleans: any other value would count as fitted
+        raise AnalysisError(f"{path}: tracking entry 'adv_correct' holds values other than 0 and 1")
     return tracked
 
 
@@ -92,7 +92,7 @@ def memorization_report(run_dir: str | Path, *, late_after: int | None = None, m
                             f"({folder.tracking.name} was lost before the run resumed); zeros there would read as "
                             "'never fitted'")
     correct = tracked["adv_correct"][:epochs]
-    losses = tracked["adv_loss"][:epochs].float() if "adv_loss" in tracked else None
+    losses = tracked["adv_loss"][:epochs].float()
     n = correct.shape[1]
     fit = fit_epochs(correct)
 
@@ -116,7 +116,7 @@ def memorization_report(run_dir: str | Path, *, late_after: int | None = None, m
     late = fit > late_after
     newly_fitted = [int((fit == e).sum()) for e in range(1, epochs + 1)]
     late_order = torch.argsort(fit.masked_fill(~late, epochs + 1), stable=True)[: int(late.sum())]
-    final_loss = losses[-1] if losses is not None else torch.zeros(n)
+    final_loss = losses[-1]
 
     labels_file = folder.labels
     noisy = None
@@ -144,10 +144,10 @@ def memorization_report(run_dir: str | Path, *, late_after: int | None = None, m
             "test_robust_acc": test_robust, "train_robust_acc": train_robust,
             "tracked_adv_acc": tracked_acc, "newly_fitted": newly_fitted,
             "fitted_so_far": [sum(newly_fitted[:e]) / n for e in range(1, epochs + 1)],
-            "mean_adv_loss": losses.mean(1).tolist() if losses is not None else None,
-            "mean_adv_loss_late": losses[:, late].mean(1).tolist() if losses is not None and late.any() else None,
+            "mean_adv_loss": losses.mean(1).tolist(),
+            "mean_adv_loss_late": losses[:, late].mean(1).tolist() if late.any() else None,
             "mean_adv_loss_early": (losses[:, (fit > 0) & ~late].mean(1).tolist()
-                                    if losses is not None and ((fit > 0) & ~late).any() else None),
+                                    if ((fit > 0) & ~late).any() else None),
         },
         "late_samples": late_order[:max_listed].tolist(),
         "late_samples_fit_epoch": fit[late_order[:max_listed]].tolist(),

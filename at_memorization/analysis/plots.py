@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ..atomic import write_atomic  # noqa: E402
 from ..logged import LoggedValue  # noqa: E402
 from ..method_catalog import logged_values  # noqa: E402
 from ..report import best_record, final_record  # noqa: E402
@@ -20,10 +21,12 @@ ACC_CURVES = (("train_clean_acc", "train clean", "tab:blue", "--"), ("train_robu
 
 
 def _save(fig, path) -> Path:
+    """The figure as a PNG at ``path``, written atomically: a failed write is a one-line WriteError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        write_atomic(path, "wb", lambda handle: fig.savefig(handle, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -86,7 +86,10 @@ def autocast(config: RunConfig, ctx: DistributedContext):
 
 def build(config: RunConfig, data: DataBundle, ctx: DistributedContext) -> Parts:
     """The parts of a run, on ``ctx.device``. Consumes the global random stream in a fixed order
-    (the model's initialization first), so two runs with one seed build the same parts."""
+    (the model's initialization first), so two runs with one seed build the same parts. Sets the
+    process's thread count to the run's (``decide`` recorded or restored it)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     model = _model(config, data, ctx)
     method = get_method(config.method)(method_setup(config, len(data.train), data.train.num_classes),
                                        **config.method_args).to(ctx.device)

@@ -7,14 +7,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .. import checkpoint as ckpt
 from ..atomic import WriteError
 from ..runfolder import RunFolder
 from ..runtime import DistributedContext, TrainingError
 from ..settings import RunConfig
 
-# A stop request is agreed between torchrun processes every this many steps (an all-reduce, which
-# synchronizes the host with the device, so not at every step).
-STOP_CHECK_EVERY = 25
+# A stop request is agreed between torchrun processes every this many steps: every step, so that a
+# scheduler's grace period of a few seconds suffices. The agreement is a one-number all-reduce on the
+# CPU (gloo), which never waits for the GPU; its cost is measured by benchmarks/stop_agreement.py.
+STOP_CHECK_EVERY = 1
+# A checkpoint whose weights' norm is this many times the initial weights' has diverged already, finite
+# or not (e.g. 3.7e18): a resume from it diverges again at any lower learning rate.
+BLOWN_UP_RATIO = 100.0
 
 
 class TrainingInterrupted(Exception):
@@ -32,8 +37,8 @@ def stop_agreed(ctx: DistributedContext, requested: bool, done: int) -> bool:
         return requested
     if done % STOP_CHECK_EVERY:
         return False
-    flag = torch.tensor([1.0 if requested else 0.0], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = torch.tensor([1.0 if requested else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.control_group)
     return bool(flag.item() > 0)
 
 
@@ -71,12 +76,33 @@ def diverged(where: str, folder: RunFolder, config: RunConfig, overrides: dict) 
         return TrainingError(f"training diverged {where}; no checkpoint was written yet ({folder.init} holds the "
                              f"initial weights); start again with a lower learning rate: the same command with "
                              f"--lr {lower}")
+    growth = _growth_since_init(good[0], folder)
+    if growth is not None and growth > BLOWN_UP_RATIO:
+        return TrainingError(
+            f"training diverged {where}; the last finite checkpoint {good[0]} ({good[1]}) holds weights of "
+            f"{growth:.2g} times the initial norm: it diverged already, so a resume from it would diverge again; "
+            f"start a new run with a lower learning rate: its settings with --lr {lower}, in another --out")
     # this session's other overrides too: the good checkpoint may predate them
     again = "".join(f" --override {key}={_as_text(value)}" for key, value in overrides.items() if key != "lr")
     return TrainingError(
         f"training diverged {where}; the last good checkpoint is {good[0]} ({good[1]}), checked to be finite; "
         f"continue from it with a lower learning rate: at-mem train --resume --out {folder.path}{again} "
         f"--override lr={lower}")
+
+
+def _norm(weights: dict) -> float:
+    floats = [t.double() for t in weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in floats]))) if floats else 0.0
+
+
+def _growth_since_init(path, folder: RunFolder) -> float | None:
+    """How many times the initial weights' norm the checkpoint's weights have (None: unknown)."""
+    try:
+        initial = _norm(ckpt.load_initial_weights(folder.init))
+        grown = _norm(ckpt.load_checkpoint(path)["model"])
+    except (ckpt.CheckpointError, KeyError):
+        return None
+    return grown / initial if initial > 0 else None
 
 
 def write_failed(error: OSError, folder: RunFolder) -> TrainingError:

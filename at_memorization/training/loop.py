@@ -31,7 +31,7 @@ from .epoch_eval import EpochEvaluator, best_after
 from .guard import TrainingInterrupted
 from .schedule import learning_rate
 from .start import Resumable, changed_while_starting, decide
-from .state import Progress, RunInfo, dump, restore, rng_states
+from .state import Progress, RunInfo, dump, epoch_loop_state, own_loop_state, restore, rng_states
 from .tracking import SampleTracker
 
 
@@ -64,7 +64,6 @@ class Trainer:
             raise TrainingError(f"--checkpoint-every-steps must be >= 0, got {checkpoint_every_steps}")
         self.checkpoint_every_steps = checkpoint_every_steps
         self.logger_names = tuple(loggers)  # experiment loggers (at_memorization.loggers), started by fit
-        check_logger_names(self.logger_names)
         self._loggers: SafeLoggers | None = None
         self.overrides = dict(overrides or {})
         self.stop_reason: str | None = None  # set by request_stop (a signal handler)
@@ -76,6 +75,7 @@ class Trainer:
         self.config = config = start.config
         self.folder = start.folder
         self.out_dir = self.folder.path
+        check_logger_names(self.logger_names, self.out_dir)  # and their folders writable, before the data loads
         # Every global stream (torch, Python, NumPy), so that two runs with one --seed agree in full
         # (a resumed run then restores all three from the checkpoint).
         seed_everything(config.seed)
@@ -183,16 +183,22 @@ class Trainer:
     def repair_finished_metrics(self) -> bool:
         """A finished run whose metrics.jsonl lacks epochs its checkpoint holds (a kill between saving
         the last epoch's checkpoint and appending its line): rewrite the file from the checkpoint's
-        history, which is the record. True when it was rewritten; nothing else is written."""
+        history, which is the record; an unreadable config.json too. True when metrics.jsonl was rewritten."""
         if not self.ctx.is_main or self.start_epoch <= self.config.epochs:
             return False
+        runfiles.repair_config(self.folder, self.start, self._document())
         return runfiles.repair_metrics(self.folder, self.history)
 
+    def _document(self) -> dict:
+        return runfiles.config_document(self.start, self.method.settings, self.ctx.world_size, self.ctx.device,
+                                        self.fingerprint)
+
     def _begin(self) -> None:
-        """The run's files take effect (rank 0): new-run files, or the resume's repairs and events."""
-        document = runfiles.config_document(self.start, self.method.settings, self.ctx.world_size, self.ctx.device,
-                                            self.fingerprint)
+        """The run's files take effect (rank 0): new-run files, or the resume's repairs; the resume's
+        changes and events are written with its first checkpoint (``records``)."""
+        document = self._document()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.records = runfiles.ResumeRecords(self.folder, self.start, document)
         if self.start.resumable is None:
             runfiles.write_new_run(self.folder, document, self.model, self.data)
         else:
@@ -220,12 +226,8 @@ class Trainer:
             self._check_finite(None, f"at epoch {epoch}")
             rng = rng_states(self.ctx)
             if self.ctx.is_main:
-                state = dump(self.parts, self.progress, self.info, rng)
-                if self.tracker is not None:
-                    self.folder.save_tracking(self.tracker.tracked)
-                if improved:
-                    self.folder.save_best(state)
-                self.folder.save_last(state, f"epoch {epoch}")
+                runfiles.save_checkpoint(self.folder, dump(self.parts, self.progress, self.info, rng),
+                                         f"epoch {epoch}", self.tracker, self.records, best=improved)
                 self.folder.append_metrics(record)
                 if self._loggers is not None:
                     self._loggers.log_epoch(record)
@@ -260,8 +262,9 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         first_step, seconds_before = 0, 0.0
         if partial is not None:  # resuming a mid-epoch checkpoint: the loop state of its last step
-            generator.set_state(partial["augment_rng"])
-            sums = {k: v.to(ctx.device) for k, v in partial["sums"].items()}
+            own = own_loop_state(partial, ctx, model)
+            generator.set_state(own["augment_rng"])
+            sums = {k: v.to(ctx.device) for k, v in own["sums"].items()}
             first_step, seconds_before = partial["step"], partial["train_seconds"]
 
         def add(name, value, weight):
@@ -338,12 +341,9 @@ class Trainer:
         """A mid-epoch checkpoint: the state after ``done`` steps of ``epoch`` (resumed bit-identically)."""
         self._check_finite(sums.get("train_loss"), f"in epoch {epoch} (by step {done})")
         rng = rng_states(self.ctx)
+        partial = epoch_loop_state(self.ctx, self.model, epoch, done, generator.get_state(), sums, seconds,
+                                   self.tracker.partial_records() if self.tracker is not None else None)
         if not self.ctx.is_main:
             return
-        partial = {"epoch": epoch, "step": done, "augment_rng": generator.get_state(), "train_seconds": seconds,
-                   "sums": {k: v.detach().cpu() for k, v in sums.items()},
-                   "track": self.tracker.partial_records() if self.tracker is not None else None}
         state = dump(self.parts, Progress(epoch - 1, self.history, self.best, partial), self.info, rng)
-        if self.tracker is not None:
-            self.folder.save_tracking(self.tracker.tracked)
-        self.folder.save_last(state, f"epoch {epoch}, step {done}")
+        runfiles.save_checkpoint(self.folder, state, f"epoch {epoch}, step {done}", self.tracker, self.records)

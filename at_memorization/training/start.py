@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import timm
+import torch
 
 from ..atomic import WriteError, check_writable_folder
 from ..methods import TrainingSetup, get_method
@@ -196,7 +197,7 @@ class Start:
             start = start.with_event("config-repaired", {"from": str(path)}, rewrite_config=True)
         partial = state.get("partial")
         return start.with_event("resumed", {"path": str(path), "epoch": partial["epoch"] if partial else state["epoch"] + 1,
-                                            "step": partial["step"] if partial else 0})
+                                            "step": partial["step"] if partial else 0, "threads": self.config.threads})
 
 
 def _derived_names(config: RunConfig) -> tuple[str, ...]:
@@ -236,10 +237,12 @@ def decide(config: RunConfig, out_dir: str | Path, *, resume: bool, resumable: R
     method_cls = get_method(config.method)
     # The method's settings are checked (types, bounds, its own rules) before the data load too.
     method_settings = dict(method_cls(method_setup(config, 1, 10), **config.method_args).settings)
-    start = Start(config=config, folder=folder, derived=derived)
     if not resume:
-        return start
+        return Start(config=with_threads(config), folder=folder,
+                     derived=derived + (() if config.threads else ("threads",)))
     resumable = resumable or open_resumable(folder.path)
+    config = _resumed_threads(config, resumable, log)
+    start = Start(config=config, folder=folder, derived=derived)
     start = dataclasses.replace(start, resumable=resumable, overrides=tuple(overrides))
     if resumable.passed_over:
         log(f"warning: {resumable.passed_over}; resuming from the previous checkpoint {resumable.path} instead")
@@ -253,6 +256,22 @@ def decide(config: RunConfig, out_dir: str | Path, *, resume: bool, resumable: R
         log("resuming with changed settings: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
         start = start.with_event("override", {"epoch": resumable.epochs_done + 1, "changes": changes}, rewrite_config=True)
     return start
+
+
+def with_threads(config: RunConfig) -> RunConfig:
+    """A new run's settings with the thread count it computes with: the process's when not given."""
+    return dataclasses.replace(config, threads=config.threads or torch.get_num_threads())
+
+
+def _resumed_threads(config: RunConfig, resumable: Resumable, log: Log) -> RunConfig:
+    """The thread count a resume computes with: the run's recorded one unless given (on a CPU the count
+    changes how sums are split, so another count would not continue the run bit for bit)."""
+    now = torch.get_num_threads()
+    threads = config.threads or resumable.saved_config.get("threads") or now
+    if threads != now and threads == resumable.saved_config.get("threads"):
+        log(f"note: computing with {threads} thread{'s' if threads > 1 else ''} as this run started (this process "
+            f"has {now}); --override threads={now} changes it, and the results with it")
+    return dataclasses.replace(config, threads=threads)
 
 
 def _check_against_saved(config: RunConfig, method_settings: dict, resumable: Resumable, overrides: dict,

@@ -51,25 +51,58 @@ class RunInfo:
     data_fingerprint: str | None
 
 
+def per_rank(ctx: DistributedContext, value) -> list:
+    """``value`` of every rank, rank 0's first (a collective call under torchrun; plain values and CPU
+    tensors)."""
+    if not ctx.enabled:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def rng_states(ctx: DistributedContext) -> list[dict]:
     """Every rank's generator states, rank 0's first (a collective call under torchrun)."""
-    if not ctx.enabled:
-        return [capture_rng()]
-    states = [None] * ctx.world_size
-    dist.all_gather_object(states, capture_rng())
-    return states
+    return per_rank(ctx, capture_rng())
+
+
+def epoch_loop_state(ctx: DistributedContext, model, epoch: int, done: int, augment_rng, sums: dict,
+                     seconds: float, track) -> dict:
+    """A mid-epoch checkpoint's ``partial``: the loop's state after ``done`` steps of ``epoch``. Each rank
+    draws its own augmentation, sums its own shard's losses and, until the epoch's end makes them
+    rank 0's, updates its own BatchNorm statistics (which its attack uses in eval mode), so every
+    rank's are kept (``per_rank``; a collective call); rank 0's stream and sums also at the top level,
+    as one process saves them."""
+    own = {"augment_rng": augment_rng, "sums": {k: v.detach().cpu() for k, v in sums.items()}}
+    if ctx.enabled:
+        own["buffers"] = {name: buffer.detach().cpu() for name, buffer in model.named_buffers()}
+    ranks = per_rank(ctx, own)
+    return {"epoch": epoch, "step": done, "train_seconds": seconds, "augment_rng": ranks[0]["augment_rng"],
+            "sums": ranks[0]["sums"], "per_rank": ranks, "track": track}
+
+
+def own_loop_state(partial: dict, ctx: DistributedContext, model) -> dict:
+    """This rank's augmentation stream and sums in ``partial``, its BatchNorm statistics put back into
+    ``model``: its own where every rank's was saved under the same number of processes, else the top
+    level's (a checkpoint of one process, or of an older version)."""
+    ranks = partial.get("per_rank")
+    own = ranks[ctx.rank] if isinstance(ranks, list) and len(ranks) == ctx.world_size else partial
+    for name, buffer in model.named_buffers() if "buffers" in own else ():
+        buffer.copy_(own["buffers"][name])
+    return own
 
 
 def dump(parts: Parts, progress: Progress, info: RunInfo, rng: list[dict]) -> dict:
     """The checkpoint of ``parts`` after ``progress``: at the end of epoch ``progress.epoch``, or
-    within the next epoch when ``progress.partial`` is set."""
+    within the next epoch when ``progress.partial`` is set. Its config holds the method's settings
+    resolved (as a resumed run's does), so a resumed run's checkpoints equal an uninterrupted one's."""
     config = info.config
     state = ckpt.make_checkpoint(
         model=parts.model, model_name=config.model, num_classes=info.num_classes, in_chans=info.shape[0],
         img_size=info.shape[1], dataset=config.dataset, optimizer_state=parts.optimizer.state_dict(),
         schedule=config.schedule, lr=learning_rate(config, progress.epoch), method_name=config.method,
         method_settings=info.method_settings, method_state=parts.method.state_dict(), epoch=progress.epoch,
-        config=config.to_dict(), rng_states=rng, best=progress.best, history=progress.history,
+        config={**config.to_dict(), "method_args": dict(info.method_settings)}, rng_states=rng, best=progress.best, history=progress.history,
         data_fingerprint=info.data_fingerprint)
     if progress.partial is not None:
         state["partial"] = dict(progress.partial)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 
 import torch
@@ -20,7 +21,16 @@ def _add_index(item, index: int):
     return (item, index)
 
 
-def _drop_index(batch):
+def _looks_like_an_index(value) -> bool:
+    """Whether a batch's last element can be WithIndex's index: integers, no sample twice."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int64, torch.int32) or value.dim() > 1:
+        return False
+    return value.unique().numel() == value.numel()
+
+
+def _drop_index(batch, check: bool):
     if isinstance(batch, Mapping):
         if INDEX_KEY not in batch:
             raise ValueError(f"without_index: the batch has no {INDEX_KEY!r} key "
@@ -30,6 +40,10 @@ def _drop_index(batch):
         if len(batch) < 2:
             raise ValueError(f"without_index: a batch of {len(batch)} element(s) has no index to drop "
                              f"(is its dataset wrapped in WithIndex?)")
+        if check and not _looks_like_an_index(batch[-1]):
+            raise ValueError("without_index: the batches' last element is not a sample index (integers, no sample "
+                             "twice): the loader was never indexed, and dropping it would drop the labels; "
+                             "wrap its dataset in WithIndex, or use the loader itself")
         rest = batch[:-1]  # a list stays a list (DataLoader collates tuples into lists), a tuple a tuple
         return rest[0] if len(rest) == 1 else rest
     raise TypeError(f"without_index: expected tuple, list or dict batches, got {type(batch).__name__}")
@@ -87,12 +101,32 @@ class WithIndex(_Forwarding, torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        if isinstance(index, torch.Tensor):
-            index = int(index)
+        if isinstance(index, slice) or isinstance(index, bool):
+            raise TypeError(f"WithIndex takes one integer position, got {index!r}: use "
+                            f"[wrapped[i] for i in range(...)], a Subset or a DataLoader for several")
+        try:
+            index = operator.index(index)  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"WithIndex takes one integer position, got {type(index).__name__} {index!r}") from None
+        size = len(self.dataset)
+        if not -size <= index < size:
+            raise IndexError(f"WithIndex: position {index} is out of range for a dataset of {size} items")
+        index %= size  # -1 is the last item, whose position (and ensemble row) is size - 1
         return _add_index(self.dataset[index], index)
 
     def __repr__(self) -> str:
         return f"WithIndex({self.dataset!r})"
+
+
+def _wraps_with_index(loader) -> bool:
+    """Whether the loader's dataset is, or wraps (``Subset``, ...), a ``WithIndex``."""
+    dataset, seen = getattr(loader, "dataset", None), set()
+    while dataset is not None and id(dataset) not in seen:
+        if isinstance(dataset, WithIndex):
+            return True
+        seen.add(id(dataset))
+        dataset = getattr(dataset, "dataset", None)
+    return False
 
 
 class _WithoutIndex(_Forwarding):
@@ -104,8 +138,9 @@ class _WithoutIndex(_Forwarding):
         self.loader = loader
 
     def __iter__(self):
+        check = not _wraps_with_index(self.loader)  # data sets that yield their own index are checked per batch
         for batch in self.loader:
-            yield _drop_index(batch)
+            yield _drop_index(batch, check)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -121,6 +156,10 @@ def without_index(loader):
     view has the loader's ``len`` and attributes (``batch_size``, ``dataset``, ...) and iterates the
     loader itself, so it sees the same batches (and, for a shuffling loader, draws the same way).
     Give it to code that unpacks ``x, y = batch``, e.g. an evaluation or recording helper.
+
+    A loader whose dataset is not a ``WithIndex`` (nor wraps one) has each batch's last element
+    checked: unless it is integers with no sample twice, a ``ValueError`` says the loader was never
+    indexed (dropping the last element would drop the labels).
 
     Parameters
     ----------

@@ -17,7 +17,8 @@ A foreign training loop needs three calls (docs/drop_in.md): ``TELoss.for_run`` 
 to the run, in the loop's own epoch counting), ``te.update_from(model, x, index, epoch)`` once per
 step (eval mode, no gradient, the model's modes restored, a repeated update of the same batch in
 the same step refused), and ``te.attack_penalty(index, epoch)`` / ``te(logits, index, epoch)`` in
-the attack's inner loss and in the training loss.
+the attack's inner loss and in the training loss. ``te_schedule`` places the schedule relative to
+the run's learning-rate decays, and ``trades_attack_loss`` is the attack loss of a TRADES loop.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from at_memorization.methods.base import MethodError
+from at_memorization.user_errors import UserError
+
+from .schedule import default_schedule, te_schedule
 
 
 class TEStateError(MethodError):
@@ -54,11 +58,13 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def check_index(index, batch_size: int | None, num_samples: int, check_range: bool = True) -> None:
+def check_index(index, batch_size: int | None, num_samples: int, check_range: bool = True,
+                allow_duplicates: bool = False) -> None:
     """Raise a one-line error unless ``index`` is a 1-D integer tensor of ``batch_size`` values in [0, num_samples).
 
     ``batch_size=None`` accepts any length. ``check_range`` reads the index back to the host (a
-    synchronization on CUDA).
+    synchronization on CUDA) and, unless ``allow_duplicates``, refuses a value repeated within the
+    batch: a shuffled or sequential loader never repeats a sample in a batch, the labels do.
     """
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"index must be a 1-D integer tensor (the batch's sample positions), got {type(index).__name__}")
@@ -72,6 +78,14 @@ def check_index(index, batch_size: int | None, num_samples: int, check_range: bo
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= num_samples:
             raise IndexError(f"sample index out of range [0, {num_samples}): min {low}, max {high}")
+        if not allow_duplicates and index.numel() > 1:
+            ordered = torch.sort(index.detach().reshape(-1)).values
+            repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+            if repeated.numel():
+                raise ValueError(f"index repeats sample {int(repeated[0])} within the batch: it must hold each "
+                                 f"sample's position in the training set (WithIndex's third item), not e.g. the "
+                                 f"labels; a sampler drawing with replacement needs "
+                                 f"TELoss(..., allow_duplicate_indices=True)")
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -130,6 +144,20 @@ class TERepeatedUpdateWarning(UserWarning):
 
 class TERepeatedUpdateError(RuntimeError):
     """``TELoss.update_from`` with ``on_repeat="error"`` refused a second update in the same step."""
+
+
+class TEScheduleWarning(UserWarning):
+    """``TELoss`` was built without a schedule: the paper's, which only fits a 200-epoch run."""
+
+
+class TEDeviceError(UserError, RuntimeError):
+    """The ``TELoss`` was sent to a device this machine does not have."""
+
+
+# Inputs this far outside [0, 1] are already normalized (CIFAR-10's normalized pixels span [-2.0, 2.1]);
+# augmentation noise stays well within it.
+NORMALIZED_MARGIN = 0.5
+NEVER_UPDATED = -1  # the epoch recorded for an ensemble row no update has reached (epochs are >= 0)
 
 
 ON_REPEAT = ("warn", "ignore", "error")
@@ -210,7 +238,7 @@ class TEPenalty:
 
     def target(self) -> torch.Tensor:
         if self._ensemble_version != self.te._ensemble_version or self._target is None:
-            self._target = self.te._checked_target(self.index)
+            self._target = self.te._checked_target(self.index, self.epoch)
             self._ensemble_version = self.te._ensemble_version
         return self._target
 
@@ -228,13 +256,10 @@ def _zero_penalty(logits: torch.Tensor, reduction: str) -> torch.Tensor:
     return zeros if reduction == "none" else zeros.sum()
 
 
-def default_schedule(epochs: int) -> tuple[int, int]:
-    """TE's first epoch and the epoch its weight peaks: the paper's 90 and 150 of 200 epochs, else
-    45% and 75% of the run."""
-    if epochs == 200:
-        return 90, 150
-    start = max(1, round(0.45 * epochs))
-    return start, max(round(0.75 * epochs), start + 1)
+def _require_device(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise TEDeviceError("TELoss: this machine has no usable CUDA GPU (torch.cuda.is_available() is False): keep "
+                            "the TELoss, the model and the batches on the CPU (te.to('cpu'))")
 
 
 class TELoss(nn.Module):
@@ -276,17 +301,26 @@ class TELoss(nn.Module):
         ``TERepeatedUpdateWarning`` and no update), ``"ignore"`` (no update, silently) or
         ``"error"`` (``TERepeatedUpdateError``).
     validate : bool
-        Check index ranges, finite logits and that the ensemble rows a penalty uses were updated.
-        Costs a host-device synchronization per call on CUDA; a trainer that guarantees all three
+        Check indices (range, no sample twice in a batch), finite logits, integer epochs that never
+        decrease, and that the ensemble rows a penalty uses were updated in the penalty's epoch.
+        Costs a host-device synchronization per call on CUDA; a trainer that guarantees all of it
         can pass False (also settable later as the attribute ``te.validate``).
+    allow_duplicate_indices : bool
+        Accept a sample twice in one batch (a sampler drawing with replacement; each repeat gets the
+        first occurrence's update). Off by default: a repeated index is usually the labels passed
+        as the index.
 
-    The ensemble (fp32, ``(num_samples, num_classes)``) is a buffer: ``te.to(device)`` moves it and
-    ``te.state_dict()`` saves it.
+    The ensemble is ``te.ensemble``: an fp32 buffer of shape ``(num_samples, num_classes)``, row ``i``
+    the running average of sample ``i``'s softmax (the official code's ``soft_labels``; all zeros
+    until the sample's first update). ``te.to(device)`` moves it; ``te.state_dict()`` saves it under
+    the key ``"ensemble"`` (``"<prefix>.ensemble"`` inside another module), next to ``"_extra_state"``
+    with the sizes and schedule.
     """
 
     def __init__(self, num_samples: int, num_classes: int, momentum: float = 0.9, reg_weight: float = 300.0,
                  start_epoch: int | None = None, end_epoch: int | None = None, sync_distributed: bool = True, *,
-                 epoch_origin: int = 1, reduction: str = "mean", on_repeat: str = "warn", validate: bool = True):
+                 epoch_origin: int = 1, reduction: str = "mean", on_repeat: str = "warn", validate: bool = True,
+                 allow_duplicate_indices: bool = False):
         super().__init__()
         num_samples = _positive_int("num_samples", num_samples)
         num_classes = _positive_int("num_classes", num_classes, minimum=2)
@@ -297,6 +331,7 @@ class TELoss(nn.Module):
         if reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {reg_weight}")
         shift = epoch_origin - 1  # the paper's epochs count from 1
+        schedule_given = start_epoch is not None or end_epoch is not None
         start_epoch = PAPER_START_EPOCH + shift if start_epoch is None else start_epoch
         end_epoch = PAPER_END_EPOCH + shift if end_epoch is None else end_epoch
         if not epoch_origin <= start_epoch < end_epoch:
@@ -312,28 +347,49 @@ class TELoss(nn.Module):
         self.on_repeat = on_repeat
         self.sync_distributed = sync_distributed
         self.validate = bool(validate)
+        self.allow_duplicate_indices = bool(allow_duplicate_indices)
         # Set by a trainer whose ranks always step with equal batch sizes (as DistributedSampler
         # gives): the all-gather then needs no size exchange, so no host-device synchronization.
         self.equal_rank_batches = False
         # fp32 whatever the autocast context: tiny EMA increments would vanish in bf16.
         self.register_buffer("ensemble", torch.zeros(self.num_samples, self.num_classes, dtype=torch.float32))
         self._ensemble_version = 0  # bumped at every change of the ensemble (penalty hooks re-read their target)
+        # The epoch of each row's last update: a penalty for rows not updated in its epoch uses a stale
+        # ensemble. Not saved (a loaded ensemble is updated again before its next penalty).
+        self.register_buffer("_updated_at", torch.full((self.num_samples,), NEVER_UPDATED, dtype=torch.int64),
+                             persistent=False)
+        self._forget_steps()
+        if not schedule_given:  # TELoss cannot know the run's length: say what the default assumes
+            warnings.warn(f"TELoss without a schedule uses the paper's 200-epoch one (TE from epoch "
+                          f"{PAPER_START_EPOCH}, full weight at {PAPER_END_EPOCH}, counted from 1): a shorter run "
+                          f"never switches TE on; use TELoss.for_run(..., epochs=E, epoch_origin=0 or 1) or give "
+                          f"start_epoch/end_epoch", TEScheduleWarning, stacklevel=2)
+
+    def _forget_steps(self) -> None:
+        """Reset what ties calls to steps and epochs (after a device move or a loaded state)."""
         # update_from's guard against a second update of the same samples in one step.
-        self._last_update = None  # (epoch, sorted indices) of the last update_from
+        self._last_update = None  # (epoch, sorted indices, entry point) of the last update
         self._step_key, self._step_seen = None, None  # (epoch, step) and the samples updated in that step
+        self._latest_epoch = None  # the largest epoch seen: epochs never go back within a run
 
     @classmethod
     def for_run(cls, num_samples: int, num_classes: int, epochs: int, *, epoch_origin: int, momentum: float = 0.9,
-                reg_weight: float = 300.0, **kwargs) -> "TELoss":
+                reg_weight: float = 300.0, lr_schedule: str | None = None, milestones=None, step_size=None,
+                peak=None, **kwargs) -> "TELoss":
         """A ``TELoss`` whose schedule is scaled to a run of ``epochs`` epochs, in your epoch counting.
 
-        The penalty starts at 45% of the run and its weight peaks at 75%: the paper's epochs 90 and 150
-        of 200 (exactly those for 200 epochs), the same rule as ``at-mem train``'s defaults. With
-        ``epoch_origin=0`` both are one less, so a loop passes its own epoch counter unchanged::
+        Without ``lr_schedule`` the penalty starts at 45% of the run and its weight peaks at 75%: the
+        paper's epochs 90 and 150 of 200 (exactly those for 200 epochs), the same rule as ``at-mem
+        train``'s defaults, rounded with Python's ``round`` (halves to even: 10 epochs start at 4).
+        With ``lr_schedule`` they are placed relative to the learning-rate decays (``te_schedule``:
+        5% of the run before the first decay, full weight at the second). With ``epoch_origin=0``
+        both are one less, so a loop passes its own epoch counter unchanged::
 
             te = TELoss.for_run(len(train_set), 10, epochs=200, epoch_origin=0)   # start 89, end 149
             for epoch in range(200):            # Rice et al.'s loop; no ``epoch + 1`` anywhere
                 ...
+            te = TELoss.for_run(len(train_set), 10, epochs=76, epoch_origin=1,    # TRADES: lr / 10 from
+                                lr_schedule="multistep", milestones=[74])         # epoch 75: start 70, end 76
 
         Parameters
         ----------
@@ -349,9 +405,19 @@ class TELoss(nn.Module):
             Momentum of the per-sample average (the paper: 0.9).
         reg_weight : float
             Maximum weight of the penalty (the paper: 300).
+        lr_schedule : str, optional
+            ``"multistep"``, ``"step"``, ``"cosine"`` or ``"one-cycle"``: place TE relative to the
+            run's learning-rate decays (``te_schedule``). None: 45% and 75% of the run.
+        milestones : list of int, optional
+            With ``"multistep"``: MultiStepLR's milestones (epochs trained before each decay).
+        step_size : int, optional
+            With ``"step"``: StepLR's period in epochs.
+        peak : float, optional
+            With ``"one-cycle"``: epochs until the learning rate peaks.
         **kwargs
             Any other ``TELoss`` keyword (``reduction``, ``on_repeat``, ``validate``,
-            ``sync_distributed``); not ``start_epoch``/``end_epoch``, which this derives.
+            ``sync_distributed``, ``allow_duplicate_indices``); not ``start_epoch``/``end_epoch``,
+            which this derives.
         """
 
         epochs = _positive_int("epochs", epochs)
@@ -360,15 +426,31 @@ class TELoss(nn.Module):
         for name in ("start_epoch", "end_epoch"):
             if name in kwargs:
                 raise TypeError(f"TELoss.for_run derives {name} from epochs; use TELoss(...) to give it yourself")
-        start, end = default_schedule(epochs)  # counted from 1
         shift = epoch_origin - 1
-        return cls(num_samples, num_classes, momentum=momentum, reg_weight=reg_weight, start_epoch=start + shift,
-                   end_epoch=end + shift, epoch_origin=epoch_origin, **kwargs)
+        if lr_schedule is None:
+            for name, value in (("milestones", milestones), ("step_size", step_size), ("peak", peak)):
+                if value is not None:
+                    raise TypeError(f"TELoss.for_run: {name}= needs lr_schedule= (e.g. lr_schedule='multistep')")
+            start, end = (value + shift for value in default_schedule(epochs))  # counted from 1, shifted
+        else:
+            start, end = te_schedule(epochs, epoch_origin=epoch_origin, lr_schedule=lr_schedule,
+                                     milestones=milestones, step_size=step_size, peak=peak)
+        return cls(num_samples, num_classes, momentum=momentum, reg_weight=reg_weight, start_epoch=start,
+                   end_epoch=end, epoch_origin=epoch_origin, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"num_samples={self.num_samples}, num_classes={self.num_classes}, momentum={self.momentum}, "
                 f"reg_weight={self.reg_weight}, start_epoch={self.start_epoch}, end_epoch={self.end_epoch}, "
                 f"epoch_origin={self.epoch_origin}, reduction={self.reduction!r}")
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]  # how nn.Module.to reads its arguments
+        _require_device(device)
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None):
+        _require_device(torch.device("cuda"))
+        return super().cuda(device)
 
     def _apply(self, fn, recurse=True):
         # Moving to a device is fine; casting the ensemble to a low precision is not.
@@ -376,7 +458,7 @@ class TELoss(nn.Module):
         if self.ensemble.dtype != torch.float32:
             self.ensemble = self.ensemble.float()
         self._ensemble_version += 1
-        self._step_key, self._step_seen, self._last_update = None, None, None
+        self._forget_steps()
         return self
 
     def get_extra_state(self) -> dict:
@@ -414,7 +496,8 @@ class TELoss(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._ensemble_version += 1
-        self._step_key, self._step_seen, self._last_update = None, None, None
+        self._updated_at.fill_(NEVER_UPDATED)
+        self._forget_steps()
 
     # ------------------------------------------------------------------ schedule
     def active(self, epoch: int) -> bool:
@@ -426,22 +509,37 @@ class TELoss(nn.Module):
         return self.reg_weight * ramp(epoch, self.start_epoch, self.end_epoch)
 
     # ------------------------------------------------------------------ checks
-    def _check_epoch(self, epoch) -> None:
+    def _check_epoch(self, epoch) -> int:
+        """``epoch`` as an int, refused unless a whole number >= ``epoch_origin`` (and, with
+        ``validate``, not below an epoch already seen)."""
         if isinstance(epoch, bool) or not (isinstance(epoch, numbers.Real) or (
                 isinstance(epoch, torch.Tensor) and epoch.dim() == 0)):
             raise TypeError(f"epoch must be a number (your loop's epoch counter), got {type(epoch).__name__}")
+        if isinstance(epoch, torch.Tensor):
+            epoch = epoch.item()
         if epoch < self.epoch_origin:
             hint = (" A loop that counts epochs from 0 needs epoch_origin=0 (TELoss.for_run(..., epoch_origin=0))."
                     if self.epoch_origin == 1 else "")
             raise ValueError(f"epoch {epoch} is before the first epoch: this TELoss counts epochs from "
                              f"{self.epoch_origin}.{hint}")
+        if not float(epoch).is_integer():
+            raise ValueError(f"epoch must be a whole number (your loop's epoch counter), got {epoch}: the ensemble "
+                             f"and the schedule advance once per epoch; pass int(epoch), not a fraction of the run")
+        epoch = int(epoch)
+        if self.validate:
+            if self._latest_epoch is not None and epoch < self._latest_epoch:
+                raise ValueError(f"epoch {epoch} comes after epoch {self._latest_epoch}: epochs never go back within a "
+                                 f"run; pass your loop's epoch counter (a new run needs a new TELoss)")
+            self._latest_epoch = epoch
+        return epoch
 
     def _check(self, logits: torch.Tensor, index: torch.Tensor, check_index_range: bool = True) -> None:
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"logits must be a tensor of shape (batch, {self.num_classes}), got {type(logits).__name__}")
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must have shape (batch, {self.num_classes}), got {tuple(logits.shape)}")
-        check_index(index, logits.shape[0], self.num_samples, check_range=self.validate and check_index_range)
+        check_index(index, logits.shape[0], self.num_samples, check_range=self.validate and check_index_range,
+                    allow_duplicates=self.allow_duplicate_indices)
         if self.validate and logits.numel() and not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or inf")
 
@@ -451,7 +549,9 @@ class TELoss(nn.Module):
         """``E[index] = m * E[index] + (1 - m) * softmax(clean_logits)``; nothing before start_epoch.
 
         The low-level update: the caller computes ``clean_logits`` (the official code: the model in
-        eval mode, on the clean batch) and calls it once per step. ``update_from`` does all of that.
+        eval mode, on the clean batch) and calls it once per step. ``update_from`` does all of that;
+        an ``update_from`` for the same samples after ``update`` in the same step is a repeat (see
+        ``on_repeat``), and so is an ``update`` after ``update_from``.
 
         Parameters
         ----------
@@ -463,9 +563,17 @@ class TELoss(nn.Module):
             The current epoch, counted from ``epoch_origin``.
         """
         self._check(clean_logits, index)
-        self._check_epoch(epoch)
+        epoch = self._check_epoch(epoch)
         if not self.active(epoch):
             return
+        key = self._index_key(index)
+        if self.validate and self._is_repeat(key, epoch, None, entry="update"):
+            self._refuse_repeat(epoch, None, stacklevel=4)
+            return
+        self._write(clean_logits, index, epoch)
+        self._record_update(key, epoch, None, entry="update")
+
+    def _write(self, clean_logits: torch.Tensor, index: torch.Tensor, epoch: int) -> None:
         probs = F.softmax(clean_logits.detach().float(), dim=1)
         index = index.to(self.ensemble.device, torch.int64)
         probs = probs.to(self.ensemble.device)
@@ -475,6 +583,7 @@ class TELoss(nn.Module):
         # get their first row's values, so the write below is deterministic. Cheap: one scatter.
         index, probs = _first_occurrences(index, probs, self.num_samples)
         self.ensemble[index] = self.momentum * self.ensemble[index] + (1.0 - self.momentum) * probs
+        self._updated_at[index] = epoch
         self._ensemble_version += 1
 
     def update_from(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor, epoch: int, *, step=None,
@@ -522,44 +631,77 @@ class TELoss(nn.Module):
             raise TypeError(f"x must be a tensor (the clean batch), got {type(x).__name__}")
         if x.dim() == 0:
             raise ValueError("x must be a batch (its first dimension is the batch), got a 0-d tensor")
-        check_index(index, x.shape[0], self.num_samples, check_range=self.validate)
-        self._check_epoch(epoch)
+        check_index(index, x.shape[0], self.num_samples, check_range=self.validate,
+                    allow_duplicates=self.allow_duplicate_indices)
+        epoch = self._check_epoch(epoch)
+        self._check_images(x, normalizer, mean_std_given=mean is not None)
         if not self.active(epoch):
             return False
         key = self._index_key(index)
-        if self._is_repeat(key, epoch, step):
-            message = (f"TELoss.update_from: the samples of this batch were already updated in this step "
-                       f"(epoch {epoch}{'' if step is None else f', step {step!r}'}); the repeated update is "
-                       f"ignored, so the ensemble gets one update per step (as the official code). A trainer "
-                       f"that evaluates its cost function twice per step (SAM) does this; pass "
-                       f"on_repeat='ignore' to TELoss to silence this, or step= to tell steps apart.")
-            if self.on_repeat == "error":
-                raise TERepeatedUpdateError(message)
-            if self.on_repeat == "warn":
-                warnings.warn(message, TERepeatedUpdateWarning, stacklevel=2)
+        if self._is_repeat(key, epoch, step, entry="update_from"):
+            self._refuse_repeat(epoch, step, stacklevel=3)
             return False
         with preserved_modes(model), torch.no_grad():
             model.eval()
             clean_logits = model(normalizer(x) if normalizer is not None else x)
-        self.update(clean_logits, index, epoch)
-        self._record_update(key, epoch, step)
+        self._check(clean_logits, index)
+        self._write(clean_logits, index, epoch)
+        self._record_update(key, epoch, step, entry="update_from")
         return True
+
+    def _check_images(self, x: torch.Tensor, normalizer, mean_std_given: bool) -> None:
+        """One-line errors for batches the model would fail on, or silently misread."""
+        if x.dtype == torch.uint8:
+            raise TypeError("x is uint8 (raw image bytes): give update_from the float batch your model takes, "
+                            "e.g. x.float() / 255")
+        if normalizer is not None and not x.is_floating_point():
+            raise TypeError(f"x must be a float batch to normalize, got {x.dtype}")
+        if x.dim() == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3) and x.shape[1] == x.shape[2]:
+            raise ValueError(f"x has shape {tuple(x.shape)}, channels last (N, H, W, C); models take (N, C, H, W): "
+                             f"pass x.permute(0, 3, 1, 2)")
+        pixel_scale_mean = mean_std_given and bool(((normalizer.mean >= 0) & (normalizer.mean <= 1)).all())
+        if pixel_scale_mean and self.validate and x.numel():
+            low, high = (float(v) for v in torch.aminmax(x.detach().float()))
+            if low < -NORMALIZED_MARGIN or high > 1 + NORMALIZED_MARGIN:
+                raise ValueError(f"update_from got mean=/std= but x spans [{low:.3g}, {high:.3g}]: it is normalized "
+                                 f"already (e.g. transforms.Normalize in the loader) and would be normalized twice; "
+                                 f"drop mean=/std=")
 
     def _index_key(self, index: torch.Tensor) -> torch.Tensor:
         return torch.sort(index.detach().to(self.ensemble.device, torch.int64)).values
 
-    def _is_repeat(self, key: torch.Tensor, epoch, step) -> bool:
-        if step is not None:
-            if self._step_key != (epoch, step) or self._step_seen is None:
-                return False
-            return bool(self._step_seen[key].any())
-        if self._last_update is None:
-            return False
-        last_epoch, last_key = self._last_update
-        return last_epoch == epoch and last_key.shape == key.shape and bool(torch.equal(last_key, key))
+    def _is_repeat(self, key: torch.Tensor, epoch: int, step, entry: str) -> bool:
+        """Whether an update of the samples ``key`` through ``entry`` ("update" or "update_from")
+        repeats one already made in this step: the same samples at the same epoch as the last update
+        (``update`` only refuses those made by ``update_from``), or, with ``step``, any of them
+        already updated under the same ``(epoch, step)``."""
 
-    def _record_update(self, key: torch.Tensor, epoch, step) -> None:
-        self._last_update = (epoch, key)
+        def same_as_last(entries) -> bool:
+            last = self._last_update
+            return (last is not None and last[2] in entries and last[0] == epoch and last[1].shape == key.shape
+                    and bool(torch.equal(last[1], key)))
+
+        if entry == "update":
+            return same_as_last(("update_from",))
+        if step is not None:
+            if self._step_key == (epoch, step) and self._step_seen is not None and bool(self._step_seen[key].any()):
+                return True
+            return same_as_last(("update",))
+        return same_as_last(("update", "update_from"))
+
+    def _refuse_repeat(self, epoch: int, step, stacklevel: int) -> None:
+        message = (f"TELoss: the samples of this batch were already updated in this step (epoch {epoch}"
+                   f"{'' if step is None else f', step {step!r}'}, by update or update_from); the repeated update "
+                   f"is ignored, so the ensemble gets one update per step (as the official code). A trainer that "
+                   f"evaluates its cost function twice per step (SAM) does this; pass on_repeat='ignore' to TELoss "
+                   f"to silence this, or step= to tell steps apart; call only one of update and update_from.")
+        if self.on_repeat == "error":
+            raise TERepeatedUpdateError(message)
+        if self.on_repeat == "warn":
+            warnings.warn(message, TERepeatedUpdateWarning, stacklevel=stacklevel)
+
+    def _record_update(self, key: torch.Tensor, epoch: int, step, entry: str) -> None:
+        self._last_update = (epoch, key, entry)
         if step is None:
             return
         if self._step_key != (epoch, step) or self._step_seen is None:
@@ -573,13 +715,22 @@ class TELoss(nn.Module):
         rows = self.ensemble[index.to(self.ensemble.device, torch.int64)]
         return rows / rows.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def _checked_target(self, index: torch.Tensor) -> torch.Tensor:
+    def _checked_target(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
         target = self.target(index)
-        if self.validate and index.numel() and not bool((self.ensemble[index.to(self.ensemble.device,
-                                                                                 torch.int64)].sum(1) > 0).all()):
-            raise ValueError("the TE penalty needs the ensemble of every sample in the batch, but some were never "
-                             "updated: call te.update_from(model, x, index, epoch) for the batch first, from "
-                             "start_epoch on")
+        if self.validate and index.numel():
+            rows = index.to(self.ensemble.device, torch.int64)
+            updated_at = self._updated_at[rows]
+            oldest = int(updated_at.min())
+            if oldest < epoch:
+                if oldest == NEVER_UPDATED and not bool((self.ensemble[rows].sum(1) > 0).all()):
+                    raise ValueError("the TE penalty needs the ensemble of every sample in the batch, but some were "
+                                     "never updated: call te.update_from(model, x, index, epoch) for the batch first, "
+                                     "from start_epoch on")
+                sample = int(rows[updated_at.argmin()])
+                last = "never since the ensemble was loaded" if oldest == NEVER_UPDATED else f"last at epoch {oldest}"
+                raise ValueError(f"the TE penalty at epoch {epoch} would use a stale ensemble: sample {sample} was "
+                                 f"updated {last}; call te.update_from(model, x, index, epoch) for the batch at every "
+                                 f"step, before the attack and the loss")
         return target
 
     def forward(self, logits: torch.Tensor, index: torch.Tensor, epoch: int, reduction: str | None = None
@@ -600,11 +751,11 @@ class TELoss(nn.Module):
         """
         reduction = self.reduction if reduction is None else _check_reduction(reduction)
         self._check(logits, index)
-        self._check_epoch(epoch)
+        epoch = self._check_epoch(epoch)
         w = self.weight(epoch)
         if w == 0.0:
             return _zero_penalty(logits, reduction)
-        return te_penalty(logits, self._checked_target(index).to(logits.device), w, reduction)
+        return te_penalty(logits, self._checked_target(index, epoch).to(logits.device), w, reduction)
 
     def penalty(self, logits: torch.Tensor, index: torch.Tensor, epoch: int, reduction: str | None = None
                 ) -> torch.Tensor:
@@ -647,8 +798,9 @@ class TELoss(nn.Module):
             Default reduction of the returned function (default: the ``TELoss``'s ``reduction``).
         """
         reduction = self.reduction if reduction is None else _check_reduction(reduction)
-        check_index(index, None, self.num_samples, check_range=self.validate)
-        self._check_epoch(epoch)
+        check_index(index, None, self.num_samples, check_range=self.validate,
+                    allow_duplicates=self.allow_duplicate_indices)
+        epoch = self._check_epoch(epoch)
         return TEPenalty(self, index, epoch, reduction)
 
 
