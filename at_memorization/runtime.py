@@ -101,6 +101,14 @@ def report_failure(message: str) -> None:
         pass
 
 
+def _store_reachable() -> bool:
+    store = _store()
+    try:
+        return store is not None and store.check(["at_mem/probe"]) in (True, False)
+    except (RuntimeError, OSError):
+        return False
+
+
 def peer_failure(wait_s: float = 0.0) -> str | None:
     """The failure another process reported (waiting up to ``wait_s`` for it), or None."""
     store = _store()
@@ -112,8 +120,8 @@ def peer_failure(wait_s: float = 0.0) -> str | None:
             key = _failure_key()
             if store.check([key]):
                 return store.get(key).decode("utf-8", "replace")
-        except (RuntimeError, OSError):
-            return "another process of this run ended (its message is in its output)"
+        except (RuntimeError, OSError):  # the store's host (rank 0 under srun) ended: not a failure by itself
+            return None
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.05)
@@ -131,6 +139,8 @@ class _PeerWatch:
     def _watch(self) -> None:
         watched = _run_number
         while not self.stopped.wait(PEER_WATCH_S) and watched == _run_number:  # a later run has its own watch
+            if not _store_reachable():  # its host ended (a finished rank 0 under srun): nothing more to hear
+                return
             failure = peer_failure()
             if failure is not None and not self.stopped.is_set():
                 own = f"process {dist.get_rank()} of this run"
@@ -147,9 +157,12 @@ class _PeerWatch:
 # --------------------------------------------------------------------------- srun as a launcher
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM host list: ``gpu[07-09,12],cpu1`` -> ``gpu07`` (the zero padding kept)."""
-    head = nodelist.split(",", 1)[0] if "[" not in nodelist.split(",", 1)[0] else nodelist.split("]", 1)[0]
-    prefix, _, ranges = head.partition("[")
-    return prefix + ranges.split(",", 1)[0].split("-", 1)[0]
+    first = nodelist.split(",", 1)[0]
+    if "[" not in first:
+        return first
+    prefix, _, rest = nodelist.partition("[")
+    ranges, _, suffix = rest.partition("]")
+    return prefix + ranges.split(",", 1)[0].split("-", 1)[0] + suffix.split(",", 1)[0]
 
 
 def slurm_distributed_environment(env=None) -> dict[str, str]:

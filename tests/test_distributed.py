@@ -252,3 +252,39 @@ def test_a_rank_waiting_in_a_collective_stops_within_a_second_of_another_ranks_f
     assert result.returncode != 0, output[-3000:]
     assert "Error: process 1 of this run failed: injected failure on rank 1; this process (0) stops too" in output
     assert seconds < 45, seconds  # rank 1 sleeps 60 s: rank 0's watch ended the run, not rank 1's end
+
+
+_OUTLIVING_RANK = """\
+import sys, time
+import torch.distributed as dist
+from at_memorization.runtime import DistributedContext
+
+ctx = DistributedContext("cpu")
+dist.barrier()
+if ctx.rank == 1:  # outlives rank 0, the store's host under an env:// launch (srun): a healthy ending
+    time.sleep(3)
+    print("rank 1 finished its work", flush=True)
+"""
+
+
+def test_a_rank_that_outlives_the_stores_host_is_not_taken_for_failed(tmp_path):
+    # The review of this stop: the watch took a finished rank 0 (the store's host under srun) for a
+    # failure and ended rank 1 with exit 1 while it was still working.
+    import socket
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    script = tmp_path / "outliving.py"
+    script.write_text(_OUTLIVING_RANK)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert "rank 1 finished its work" in outputs[1][0], outputs
+    assert not [line for line in outputs[1][1].splitlines() if line.startswith("Error: ")], outputs

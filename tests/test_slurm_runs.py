@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("nodelist,host", [("node1", "node1"), ("gpu[07-09,12],cpu1", "gpu07"), ("a,b", "a"),
-                                           ("n[003]", "n003"), ("cpu1,gpu[2-3]", "cpu1")])
+                                           ("n[003]", "n003"), ("cpu1,gpu[2-3]", "cpu1"),
+                                           ("node[1-2]-ib,x", "node1-ib")])
 def test_the_rendezvous_host_is_the_first_of_the_jobs_nodes(nodelist, host):
     assert first_host(nodelist) == host
 
