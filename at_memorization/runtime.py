@@ -101,12 +101,11 @@ def report_failure(message: str) -> None:
         pass
 
 
-def _store_reachable() -> bool:
-    store = _store()
-    try:
-        return store is not None and store.check(["at_mem/probe"]) in (True, False)
-    except (RuntimeError, OSError):
-        return False
+def _reported_failure(store) -> str | None:
+    """The current run's reported failure in ``store``, or None; raises RuntimeError/OSError when the
+    store's host is gone."""
+    key = _failure_key()
+    return store.get(key).decode("utf-8", "replace") if store.check([key]) else None
 
 
 def peer_failure(wait_s: float = 0.0) -> str | None:
@@ -117,19 +116,18 @@ def peer_failure(wait_s: float = 0.0) -> str | None:
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            key = _failure_key()
-            if store.check([key]):
-                return store.get(key).decode("utf-8", "replace")
+            failure = _reported_failure(store)
         except (RuntimeError, OSError):  # the store's host (rank 0 under srun) ended: not a failure by itself
             return None
-        if time.monotonic() >= deadline:
-            return None
+        if failure is not None or time.monotonic() >= deadline:
+            return failure
         time.sleep(0.05)
 
 
 class _PeerWatch:
-    """A daemon thread that ends this process when another one of its run reported a failure (or the
-    rendezvous store's host is gone): this process may be blocked in a collective that never ends."""
+    """A daemon thread that ends this process when another one of its run reported a failure: this
+    process may be blocked in a collective that never ends. It stops watching when the store's host
+    is gone (a finished rank 0 under srun)."""
 
     def __init__(self):
         self.stopped = threading.Event()
@@ -139,9 +137,13 @@ class _PeerWatch:
     def _watch(self) -> None:
         watched = _run_number
         while not self.stopped.wait(PEER_WATCH_S) and watched == _run_number:  # a later run has its own watch
-            if not _store_reachable():  # its host ended (a finished rank 0 under srun): nothing more to hear
+            store = _store()
+            if store is None:  # the process group was torn down: the run is over
                 return
-            failure = peer_failure()
+            try:
+                failure = _reported_failure(store)
+            except (RuntimeError, OSError):  # its host ended (a finished rank 0 under srun): nothing more to hear
+                return
             if failure is not None and not self.stopped.is_set():
                 own = f"process {dist.get_rank()} of this run"
                 if failure.startswith(own):

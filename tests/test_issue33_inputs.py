@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_testing import assert_one_line_error, invoke, one_line, tiny_train_args
+from cli_testing import assert_one_line_error, invoke, one_line, tiny_mnist_plan_settings, tiny_train_args
 
 from at_memorization.checkpoint import CheckpointError, load_initial_weights
 from at_memorization.plan import PlanError, read_plan
@@ -54,28 +54,9 @@ def tiny_plan(folder: Path, data_dir: Path, seeds: str = "[0]") -> Path:
     """A one-run plan of the tiny MNIST settings (its run: ``pgd-at-s0``)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "plan.toml"
-    path.write_text(f"""\
-name = "tiny"
-methods = ["pgd-at"]
-seeds = {seeds}
-device = "cpu"
-
-[settings]
-dataset = "mnist"
-data_dir = "{data_dir}"
-model = "smallcnn"
-train_size = 64
-test_size = 16
-batch_size = 32
-epochs = 1
-steps = 1
-eval_steps = 1
-
-[[evaluate]]
-checkpoints = ["last"]
-attacks = ["clean"]
-n_examples = 16
-""")
+    path.write_text(f'name = "tiny"\nmethods = ["pgd-at"]\nseeds = {seeds}\ndevice = "cpu"\n\n'
+                    + tiny_mnist_plan_settings(data_dir)
+                    + '\n[[evaluate]]\ncheckpoints = ["last"]\nattacks = ["clean"]\nn_examples = 16\n')
     return path
 
 

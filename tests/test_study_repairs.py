@@ -10,7 +10,7 @@ import shutil
 import sys
 
 import pytest
-from cli_testing import subprocess_env
+from cli_testing import subprocess_env, tiny_mnist_plan_settings
 from subprocess_guard import run_with_hang_guard
 
 PLAN = """\
@@ -19,17 +19,6 @@ description = "One tiny MNIST run, evaluated."
 methods = ["pgd-at"]
 seeds = [0]
 device = "cpu"
-
-[settings]
-dataset = "mnist"
-data_dir = "{data_dir}"
-model = "smallcnn"
-train_size = 64
-test_size = 16
-batch_size = 32
-epochs = 3
-steps = 1
-eval_steps = 1
 
 [[evaluate]]
 checkpoints = ["best", "last"]
@@ -48,7 +37,7 @@ def _reproduce(plan, out):
 def finished(tmp_path_factory, mnist_dir):
     folder = tmp_path_factory.mktemp("repairs")
     plan = folder / "plan.toml"
-    plan.write_text(PLAN.format(data_dir=mnist_dir))
+    plan.write_text(PLAN + tiny_mnist_plan_settings(mnist_dir, epochs=3))
     result = _reproduce(plan, folder / "study")
     assert result.returncode == 0, result.stdout + result.stderr
     return plan, folder / "study"

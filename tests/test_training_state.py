@@ -201,23 +201,30 @@ def test_the_history_events_of_a_resume_keep_their_order(mnist_dir, tmp_path):
     assert events == ["override", "tracking-lost", "config-repaired", "resumed"]
 
 
+def _full_and_cut(config: RunConfig, tmp_path) -> None:
+    """``config`` trained to the end into tmp_path/full, and into tmp_path/cut stopped after epoch 1."""
+    from at_memorization.training import TrainingInterrupted
+
+    Trainer(config, tmp_path / "full", device="cpu").fit()
+    callbacks = Callbacks()
+    cut = Trainer(config, tmp_path / "cut", device="cpu", callbacks=callbacks)
+    callbacks.epoch_end = lambda record: cut.request_stop("test") if record["epoch"] == 1 else None
+    with pytest.raises(TrainingInterrupted):
+        cut.fit()
+
+
 def test_a_resume_computes_with_the_thread_count_the_run_started_with(mnist_dir, tmp_path):
     # Issue 33, item 2: on a CPU the thread count changes how sums are split, so a run resumed in a
     # process with more threads (a study rerun with fewer tasks left than --jobs) must keep its own.
     import json
 
-    from at_memorization.training import TrainingError, TrainingInterrupted
+    from at_memorization.training import TrainingError
 
     before = torch.get_num_threads()
     config = _tiny(mnist_dir, epochs=3, train_size=128, milestones=[2])
     try:
         torch.set_num_threads(1)
-        Trainer(config, tmp_path / "full", device="cpu").fit()
-        callbacks = Callbacks()
-        cut = Trainer(config, tmp_path / "cut", device="cpu", callbacks=callbacks)
-        callbacks.epoch_end = lambda record: cut.request_stop("test") if record["epoch"] == 1 else None
-        with pytest.raises(TrainingInterrupted):
-            cut.fit()
+        _full_and_cut(config, tmp_path)
         torch.set_num_threads(2)  # the resuming process has other threads
         logged = []
         resumed = Trainer(config, tmp_path / "cut", device="cpu", resume=True, callbacks=Callbacks(log=logged.append))
@@ -241,15 +248,8 @@ def test_a_resume_computes_with_the_thread_count_the_run_started_with(mnist_dir,
 def test_a_resumed_checkpoint_records_the_settings_an_uninterrupted_one_does(mnist_dir, tmp_path):
     # Issue 33, item 7: a resumed run's checkpoints held the method's settings resolved in
     # config.method_args where an uninterrupted run's held them as given, so they differed byte for byte.
-    from at_memorization.training import TrainingInterrupted
-
     config = _tiny(mnist_dir, method="pgd-at-te", epochs=2, milestones=[1])
-    Trainer(config, tmp_path / "full", device="cpu").fit()
-    callbacks = Callbacks()
-    cut = Trainer(config, tmp_path / "cut", device="cpu", callbacks=callbacks)
-    callbacks.epoch_end = lambda record: cut.request_stop("test") if record["epoch"] == 1 else None
-    with pytest.raises(TrainingInterrupted):
-        cut.fit()
+    _full_and_cut(config, tmp_path)
     Trainer(config, tmp_path / "cut", device="cpu", resume=True).fit()
     full, again = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("full", "cut"))
     assert full["config"] == again["config"]
